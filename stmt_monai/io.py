@@ -1,0 +1,196 @@
+"""Reading and writing CT volumes and label maps.
+
+One loader for NIfTI files (any orientation), other ITK formats, and DICOM series folders.
+Arrays come back in the file's own voxel order with a 4 x 4 affine in RAS world coordinates
+(mm), the NIfTI convention; DICOM's LPS geometry is converted. Every problem with an input
+is raised as :class:`ImageError`, whose message is one line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from stmt_monai.labels import LABELS
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+#: LPS (DICOM, ITK) <-> RAS (NIfTI): flip the first two world axes
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class ImageError(ValueError):
+    """A CT or label file that cannot be used; ``str(err)`` is ``"<path>: <problem>"``."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = " ".join(str(problem).split())  # one line
+        super().__init__(f"{self.path}: {self.problem}")
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """FLARE case name of an image path: ``FLARE23_0001_0000.nii.gz`` -> ``FLARE23_0001``.
+
+    A DICOM folder is named after the folder.
+    """
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES[::-1] + ITK_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name[:-5] if name.endswith("_0000") else name
+
+
+def _check_3d(path, array: np.ndarray) -> np.ndarray:
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3 or min(array.shape) < 2:
+        raise ImageError(path, f"expected a 3D volume, got an array of shape {tuple(array.shape)}")
+    return array
+
+
+def _read_dicom_series(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(path))
+    if not series:
+        raise ImageError(path, "folder holds no DICOM series")
+    # the series with most slices, if a folder holds several (scouts, reformats)
+    files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len)
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise ImageError(path, f"unreadable DICOM series ({str(err).strip().splitlines()[-1]})") from None
+    return _from_sitk(image)
+
+
+def _from_sitk(image) -> tuple[np.ndarray, np.ndarray]:
+    import SimpleITK as sitk
+
+    array = sitk.GetArrayFromImage(image)  # (z, y, x)
+    array = np.ascontiguousarray(np.transpose(array, tuple(range(array.ndim))[::-1]))
+    ndim = image.GetDimension()
+    direction = np.asarray(image.GetDirection(), float).reshape(ndim, ndim)
+    affine = np.eye(4)
+    affine[:ndim, :ndim] = direction @ np.diag(image.GetSpacing())
+    affine[:ndim, 3] = image.GetOrigin()
+    return array, LPS_TO_RAS @ affine
+
+
+def load_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Load a 3D CT volume.
+
+    Args:
+        path: a NIfTI file (``.nii``, ``.nii.gz``), an ITK file (``.mha``, ``.nrrd``) or a folder
+            holding one DICOM series.
+        dtype: array type of the result (HU as float32 by default).
+
+    Returns:
+        ``(array, affine)``: the volume in the file's voxel order, shape ``(X, Y, Z)``, and its
+        4 x 4 voxel-to-world affine in RAS mm.
+
+    Raises:
+        ImageError: missing file, unreadable or non-image file, not a 3D volume.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(path, "no such file or folder")
+    if path.is_dir():
+        array, affine = _read_dicom_series(path)
+    elif path.name.endswith(NIFTI_SUFFIXES):
+        try:
+            image = nib.load(str(path))
+            array = np.asarray(image.dataobj)
+            affine = image.affine
+        except Exception as err:  # nibabel raises many kinds for a bad file
+            raise ImageError(path, f"not a readable NIfTI image ({type(err).__name__}: {err})") from None
+    elif path.name.endswith(ITK_SUFFIXES):
+        import SimpleITK as sitk
+
+        try:
+            array, affine = _from_sitk(sitk.ReadImage(str(path)))
+        except RuntimeError as err:
+            raise ImageError(path, f"not a readable image ({str(err).strip().splitlines()[-1]})") from None
+    else:
+        raise ImageError(path, f"unsupported file type (expected {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or a DICOM folder)")
+    array = _check_3d(path, array)
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ImageError(path, "has a degenerate voxel-to-world affine")
+    return np.asarray(array, dtype=dtype), np.asarray(affine, float)
+
+
+def load_label(
+    path: str | os.PathLike, image_shape: tuple[int, ...] | None = None, image_affine: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Load a FLARE label map (0 background, 1..13 organs, 14 tumor) as uint8.
+
+    Args:
+        path: label file (NIfTI or ITK format).
+        image_shape, image_affine: the image's, if the label belongs to one: a different shape is
+            an error; an affine that differs by more than 1e-3 mm is an error too.
+
+    Returns:
+        ``(labels, affine)``, labels of shape ``(X, Y, Z)``.
+    """
+    array, affine = load_image(path, dtype=np.float32)
+    if image_shape is not None and tuple(array.shape) != tuple(image_shape):
+        raise ImageError(path, f"label shape {tuple(array.shape)} differs from its image's {tuple(image_shape)}")
+    if image_affine is not None and not np.allclose(affine, image_affine, atol=1e-3):
+        raise ImageError(path, "label affine differs from its image's (not on the same voxel grid)")
+    if array.size and (array.min() < 0 or array.max() > max(LABELS) or not np.all(np.mod(array, 1) == 0)):
+        raise ImageError(path, f"holds values outside the FLARE labels 0..{max(LABELS)}")
+    return array.astype(np.uint8), affine
+
+
+def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
+    """A temporary name beside ``path`` with the same suffix, to write then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp), path
+
+
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype=None) -> Path:
+    """Write a NIfTI atomically (a temporary name in the same folder, then rename).
+
+    Args:
+        path: output ``.nii.gz`` (or ``.nii``).
+        array: ``(X, Y, Z)`` volume.
+        affine: voxel-to-world RAS affine; written as both qform and sform.
+        dtype: stored type (e.g. ``np.uint8`` for label maps); default the array's.
+    """
+    array = np.asarray(array if dtype is None else array.astype(dtype))
+    image = nib.Nifti1Image(array, np.asarray(affine, float))
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    tmp, final = atomic_path(path)
+    try:
+        nib.save(image, str(tmp))
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def save_label_map(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a label map (uint8) atomically; see :func:`save_nifti`."""
+    return save_nifti(path, labels, affine, dtype=np.uint8)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (JSON, CSV) atomically."""
+    tmp, final = atomic_path(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final

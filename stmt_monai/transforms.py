@@ -1,0 +1,315 @@
+"""MONAI transforms of StMt: the single preprocessing builder and the paper's augmentations.
+
+:func:`stage_transforms` is the one builder that every bundle's train, evaluate and inference
+configs call (``"$stmt_monai.transforms.stage_transforms(...)"`` or by ``_target_``): it loads a
+case, brings it to canonical RAS order, crops the region of interest (stage 2), resamples to
+the network size, clips and z-scores with the fingerprint, and maps the label to the stage's
+target (:func:`stmt_monai.labels.stage_target_map`). With ``train=True`` it appends the paper's
+online augmentations (:func:`augmentations`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandAdjustContrastd,
+    RandCropByPosNegLabeld,
+    SpatialPadd,
+    RandAffined,
+    Rand3DElasticd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    Randomizable,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandSimulateLowResolutiond,
+    EnsureTyped,
+)
+
+from stmt_monai.io import ImageError, load_image, load_label
+from stmt_monai.labels import STAGES, stage_target_map
+from stmt_monai.preprocessing import ROI_MARGIN_MM, Fingerprint, prepare_volume
+
+IMAGE, LABEL, ROI, GEOMETRY, STREAM = "image", "label", "roi", "geometry", "stream"
+
+
+def as_fingerprint(fingerprint: Fingerprint | Mapping | str | os.PathLike) -> Fingerprint:
+    """A :class:`Fingerprint` from itself, a dict, or a JSON file path (as configs give it)."""
+    if isinstance(fingerprint, Fingerprint):
+        return fingerprint
+    if isinstance(fingerprint, Mapping):
+        return Fingerprint(**fingerprint)
+    return Fingerprint.load(fingerprint)
+
+
+def target_lookup(stage: str) -> np.ndarray:
+    """Lookup table (256 entries) mapping FLARE labels to the stage's training target."""
+    lut = np.arange(256, dtype=np.uint8)
+    for orig, new in zip(*stage_target_map(stage)):
+        lut[orig] = new
+    return lut
+
+
+class LoadStageInputd(MapTransform, Randomizable):
+    """Load a case and prepare it for one stage's network (SPEC.md, "Preprocessing").
+
+    Input dict: ``image`` (path: NIfTI, ITK file or DICOM folder), optional ``label``
+    (path), optional ``roi`` (path of a mask on the image's grid whose bounding box is the
+    stage-2 region of interest; without it the label itself gives the box in stage 2).
+    Output dict: ``image`` ``(1, *spatial_size)`` float32 normalised; ``label``
+    ``(1, *spatial_size)`` uint8 stage target; ``geometry`` a JSON string of the
+    :class:`~stmt_monai.preprocessing.CaseGeometry` (collates as a list of strings), used by
+    :class:`RestoreLabelMapd`; paths are kept under ``image_path`` / ``label_path``.
+
+    Args:
+        stage: ``"abdomen"`` (whole volume), ``"organ"`` or ``"tumor"`` (region of interest).
+        fingerprint: :class:`Fingerprint`, dict or JSON path.
+        spatial_size: network input size, e.g. (128,128,128) stage 1, (192,192,192) stage 2.
+        roi_margin_mm: margin around the region of interest (stage 2).
+        roi_jitter_mm: training: random change of each side's margin, uniform in +-this.
+        crop_roi: crop to the region of interest (default: stage 2 yes, stage 1 no).
+        target_spacing_mm: resample to this voxel size instead of ``spatial_size`` (give
+            ``spatial_size=None``): the teacher's fixed-spacing input for sliding windows.
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        fingerprint: Fingerprint | Mapping | str | os.PathLike,
+        spatial_size: Sequence[int],
+        keys: KeysCollection = (IMAGE, LABEL),
+        roi_margin_mm: float = ROI_MARGIN_MM,
+        roi_jitter_mm: float = 0.0,
+        crop_roi: bool | None = None,
+        target_spacing_mm: Sequence[float] | None = None,
+        allow_missing_keys: bool = True,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}: expected one of {STAGES}")
+        self.stage = stage
+        self.fingerprint = as_fingerprint(fingerprint)
+        self.spatial_size = None if spatial_size is None else tuple(int(s) for s in spatial_size)
+        self.target_spacing_mm = target_spacing_mm
+        self.roi_margin_mm = float(roi_margin_mm)
+        self.roi_jitter_mm = float(roi_jitter_mm)
+        self.crop_roi = stage != "abdomen" if crop_roi is None else bool(crop_roi)
+        self.lut = torch.from_numpy(target_lookup(stage))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image_path = d[IMAGE]
+        image, affine = load_image(image_path)
+        labels = None
+        if d.get(LABEL) is not None:
+            labels, _ = load_label(d[LABEL], image.shape, affine)
+        roi_mask = None
+        if self.crop_roi:
+            if d.get(ROI) is not None:
+                roi_mask, _ = load_label(d[ROI], image.shape, affine)
+            elif labels is not None:
+                roi_mask = labels
+        net_image, net_labels, geometry = prepare_volume(
+            image,
+            affine,
+            self.spatial_size,
+            roi_mask=roi_mask,
+            margin_mm=self.roi_margin_mm,
+            jitter_mm=self.roi_jitter_mm,
+            rng=self.R,
+            labels=labels,
+            target_spacing_mm=self.target_spacing_mm,
+        )
+        d[IMAGE] = self.fingerprint.normalize(net_image).float()
+        d["image_path"] = str(image_path)
+        if net_labels is not None:
+            d["label_path"] = str(d[LABEL])
+            d[LABEL] = self.lut[net_labels.long()]
+        d.pop(ROI, None)
+        d[GEOMETRY] = geometry.to_json()
+        return d
+
+
+def augmentations(
+    keys: KeysCollection = (IMAGE, LABEL),
+    spatial_size: Sequence[int] | None = None,
+    elastic: bool = True,
+) -> list:
+    """The paper's online augmentations as MONAI transforms (section 3.2).
+
+    Rotation and scaling (one affine resampling), Gaussian noise, Gaussian blur, brightness
+    (multiplicative), contrast (scaling about the mean), low-resolution simulation, gamma, and
+    elastic deformation. Probabilities and ranges follow nnU-Net's defaults, which the paper
+    trains with; elastic deformation, off in nnU-Net v2, is on because the paper lists it.
+    The image is ``keys[0]``; every other key is a label map (nearest interpolation).
+    """
+    image_key, label_keys = keys[0], list(keys[1:])
+    all_keys = [image_key, *label_keys]
+    modes = ["bilinear"] + ["nearest"] * len(label_keys)
+    rotation = np.deg2rad(30.0)
+    return [
+        RandAffined(
+            all_keys,
+            prob=0.2,
+            rotate_range=(rotation, rotation, rotation),
+            scale_range=(0.3, 0.3, 0.3),  # factor 0.7..1.4 as nnU-Net
+            mode=modes,
+            padding_mode="border",
+            spatial_size=spatial_size,
+            allow_missing_keys=True,
+        ),
+        Rand3DElasticd(
+            all_keys,
+            sigma_range=(9.0, 13.0),
+            magnitude_range=(0.0, 200.0) if elastic else (0.0, 0.0),
+            prob=0.2 if elastic else 0.0,
+            mode=modes,
+            padding_mode="border",
+            spatial_size=spatial_size,
+            allow_missing_keys=True,
+        ),
+        RandGaussianNoised(image_key, prob=0.1, std=0.1),
+        RandGaussianSmoothd(image_key, prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        RandScaleIntensityd(image_key, prob=0.15, factors=(-0.25, 0.25)),  # brightness x0.75..1.25
+        RandScaleIntensityFixedMeand(image_key, prob=0.15, factors=(-0.25, 0.25), preserve_range=True),  # contrast
+        RandSimulateLowResolutiond(image_key, prob=0.25, zoom_range=(0.5, 1.0)),
+        RandAdjustContrastd(image_key, prob=0.3, gamma=(0.7, 1.5), retain_stats=True),  # gamma
+    ]
+
+
+def stage_transforms(
+    stage: str,
+    fingerprint: Fingerprint | Mapping | str | os.PathLike,
+    spatial_size: Sequence[int],
+    train: bool = False,
+    roi_margin_mm: float = ROI_MARGIN_MM,
+    roi_jitter_mm: float = 0.0,
+    elastic: bool = True,
+    label_keys: Sequence[str] = (LABEL,),
+    crop_roi: bool | None = None,
+    target_spacing_mm: Sequence[float] | None = None,
+    patch_size: Sequence[int] | None = None,
+    num_patches: int = 1,
+) -> Compose:
+    """The preprocessing of one stage, for training (``train=True``: with augmentations),
+    evaluation and inference alike.
+
+    Args:
+        stage: ``"abdomen"``, ``"organ"`` or ``"tumor"``.
+        fingerprint: intensity fingerprint (object, dict or JSON path).
+        spatial_size: network input size.
+        train: append the paper's online augmentations.
+        roi_margin_mm, roi_jitter_mm: stage-2 region of interest margin and its training jitter.
+        elastic: include elastic deformation among the augmentations.
+        label_keys: label maps that follow the image through the augmentations.
+        crop_roi: crop the region of interest (default: stages 2 yes, stage 1 no).
+        target_spacing_mm: the teacher's fixed-spacing input instead of ``spatial_size``.
+        patch_size, num_patches: training of a patch-based network (the teacher): random
+            ``patch_size`` crops, half of them centred on foreground, as nnU-Net samples.
+    """
+    load = LoadStageInputd(
+        stage,
+        fingerprint,
+        spatial_size,
+        keys=(IMAGE, *label_keys),
+        roi_margin_mm=roi_margin_mm,
+        roi_jitter_mm=roi_jitter_mm,
+        crop_roi=crop_roi,
+        target_spacing_mm=target_spacing_mm,
+    )
+    steps = [load]
+    if train and patch_size is not None:
+        steps += [
+            SpatialPadd((IMAGE, *label_keys), spatial_size=patch_size, allow_missing_keys=True),
+            RandCropByPosNegLabeld(
+                (IMAGE, *label_keys),
+                label_key=label_keys[0],
+                spatial_size=patch_size,
+                pos=1,
+                neg=1,
+                num_samples=num_patches,
+                allow_smaller=False,
+            ),
+        ]
+    if train:
+        steps += augmentations((IMAGE, *label_keys), patch_size or spatial_size, elastic=elastic)
+    steps.append(EnsureTyped((IMAGE, *label_keys), allow_missing_keys=True, track_meta=False))
+    return Compose(steps)
+
+
+class RestoreLabelMapd(MapTransform):
+    """Post-processing: a network-resolution label map back to the input file's grid.
+
+    Reads ``geometry`` (JSON string from :class:`LoadStageInputd`) and replaces ``keys``
+    (``(1, X', Y', Z')`` labels) with ``(1, X, Y, Z)`` uint8 labels in the input's voxel order.
+    """
+
+    def __init__(self, keys: KeysCollection = ("pred",), geometry_key: str = GEOMETRY):
+        super().__init__(keys)
+        self.geometry_key = geometry_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from stmt_monai.preprocessing import CaseGeometry, restore_label_map
+
+        d = dict(data)
+        geometry = CaseGeometry.from_json(d[self.geometry_key])
+        for key in self.key_iterator(d):
+            value = d[key]
+            value = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+            d[key] = torch.from_numpy(restore_label_map(value, geometry))[None]
+        return d
+
+
+class SaveLabelMapd(MapTransform):
+    """Write ``key`` (``(1, X, Y, Z)`` labels on the input's grid, from :class:`RestoreLabelMapd`)
+    as ``<output_dir>/<case>.nii.gz`` (FLARE naming), atomically, with the input's affine.
+
+    Args:
+        output_dir: destination folder.
+        keys: label key (``"pred"``).
+        geometry_key, image_path_key: where the case's geometry and input path are.
+        output_postfix: appended to the case name (``""`` gives FLARE's ``<case>.nii.gz``).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        keys: KeysCollection = ("pred",),
+        geometry_key: str = GEOMETRY,
+        image_path_key: str = "image_path",
+        output_postfix: str = "",
+    ):
+        super().__init__(keys)
+        self.output_dir = output_dir
+        self.geometry_key, self.image_path_key, self.output_postfix = geometry_key, image_path_key, output_postfix
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from stmt_monai.io import case_name, save_label_map
+        from stmt_monai.preprocessing import CaseGeometry
+
+        d = dict(data)
+        geometry = CaseGeometry.from_json(d[self.geometry_key])
+        for key in self.key_iterator(d):
+            labels = torch.as_tensor(d[key]).detach().cpu().numpy().reshape(geometry.shape)
+            name = f"{case_name(d[self.image_path_key])}{self.output_postfix}.nii.gz"
+            d[f"{key}_path"] = str(save_label_map(os.path.join(self.output_dir, name), labels, geometry.affine))
+        return d
+
+
+__all__ = [
+    "SaveLabelMapd",
+    "ImageError",
+    "LoadStageInputd",
+    "RestoreLabelMapd",
+    "augmentations",
+    "stage_transforms",
+    "as_fingerprint",
+    "target_lookup",
+]
