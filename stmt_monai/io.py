@@ -83,6 +83,28 @@ def _from_sitk(image) -> tuple[np.ndarray, np.ndarray]:
     return array, LPS_TO_RAS @ affine
 
 
+def image_datalist(folder: str | os.PathLike) -> list[dict]:
+    """Every CT in a folder, as datalist items ``{"image": path}`` sorted by path (inference input).
+
+    NIfTI and ITK files count, and sub-folders, each taken as one DICOM series; hidden names
+    (starting with ``.``, e.g. partial writes) are skipped.
+
+    Raises:
+        ImageError: ``folder`` is missing or holds no image.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(folder, "no such folder")
+    items = [
+        {"image": str(p)}
+        for p in sorted(folder.iterdir())
+        if not p.name.startswith(".") and (p.is_dir() or p.name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES))
+    ]
+    if not items:
+        raise ImageError(folder, f"holds no image ({', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or DICOM folder)")
+    return items
+
+
 def load_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D CT volume.
 
@@ -155,6 +177,9 @@ def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the renamed file gets the usual mode
     return Path(tmp), path
 
 

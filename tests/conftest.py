@@ -29,3 +29,31 @@ def real_dicom() -> Path:
 def real_dicom_organs() -> Path:
     """Organ mask of :func:`real_dicom` (NIfTI, LAS voxel order)."""
     return EXAMPLE_DATA / "abdomen_ct_dicom_organs.nii.gz"
+
+
+#: the small synthetic cohort of tests/test_cohort.py and tests/test_triage.py (about 1 s to make)
+SMALL_COHORT = dict(num_labelled=12, num_unlabelled=4, num_validation=2, num_test=2, size=48)
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory) -> Path:
+    """A synthetic FLARE23-layout cohort (stmt_monai.cohort), seed 0, 48 voxels a side; read only."""
+    from stmt_monai.cohort import CohortConfig, make_cohort
+
+    out = tmp_path_factory.mktemp("cohort") / "cohort"
+    make_cohort(out, CohortConfig(**SMALL_COHORT), seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(small_cohort, tmp_path_factory):
+    """:func:`small_cohort` triaged (stmt_monai.triage): ``.root`` the FLARE23 layout,
+    ``.prepared`` its datalists (``datalist_fully_labelled.json``, ``datalist_pseudo_label_jobs.json``,
+    ``datalist_tumor.json``, ``datalist_validation.json``) and ``fingerprint.json``; read only."""
+    from types import SimpleNamespace
+
+    from stmt_monai.triage import triage_dataset
+
+    prepared = tmp_path_factory.mktemp("prepared") / "prepared"
+    triage_dataset(small_cohort, prepared, progress=False)
+    return SimpleNamespace(root=small_cohort, prepared=prepared)
