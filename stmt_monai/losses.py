@@ -1,0 +1,185 @@
+"""The training objectives of StMt: Dice + cross-entropy per stream of training data, weighted.
+
+Paper section 2.2 (SPEC.md, "Organs by self-training", "Tumors by mean teacher"):
+
+- organs, eq. (1): every batch holds fully labelled, corrected-pseudo-labelled (CPL) and
+  pseudo-labelled (PL) cases in equal proportions; the loss is computed separately on each
+  kind and summed with weights, ``L_o = L_ol + lambda1 * L_cpl + lambda2 * L_pl``;
+- tumor, eq. (2): every case is tumor annotated and has two targets, its annotation and the
+  EMA teacher's prediction corrected with that annotation, ``L_t = L_tl + lambda * L_cpl``;
+- every term is Dice + cross-entropy (:func:`dice_ce_loss`).
+
+:class:`WeightedStreamsLoss` covers both: per-item stream names (eq. 1) or one target per
+stream for the whole batch (eq. 2). It keeps the unweighted terms of its last call in
+``last_terms`` so a handler can log ``L_ol``, ``L_cpl``, ``L_pl`` separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+
+import torch
+from monai.losses import DiceCELoss
+
+#: names of the streams of training data (paper Fig. 2): annotated cases, cases whose pseudo
+#: label was corrected with their partial annotation, cases with a plain pseudo label
+LABELLED, CPL, PL = "labelled", "cpl", "pl"
+STREAMS = (LABELLED, CPL, PL)
+
+#: paper eq. (1), section 3.2: L_o = L_ol + lambda1 * L_cpl + lambda2 * L_pl, lambda1 = 1, lambda2 = 0.5
+ORGAN_STREAM_WEIGHTS: MappingProxyType = MappingProxyType({LABELLED: 1.0, CPL: 1.0, PL: 0.5})
+#: paper eq. (2), section 3.2: L_t = L_tl + lambda * L_cpl, lambda = 1 (no unlabelled data for tumors)
+TUMOR_STREAM_WEIGHTS: MappingProxyType = MappingProxyType({LABELLED: 1.0, CPL: 1.0})
+
+
+def dice_ce_loss(**kwargs) -> DiceCELoss:
+    """Dice + cross-entropy on logits and a label map, every loss term of the paper.
+
+    MONAI's :class:`~monai.losses.DiceCELoss` with ``to_onehot_y=True, softmax=True`` and its
+    other defaults (per-case Dice, ``batch=False``; background included; smoothing 1e-5; Dice
+    and CE weighted 1:1), as nnU-Net's Dice + CE.
+
+    Args:
+        kwargs: overrides of any :class:`~monai.losses.DiceCELoss` argument, e.g.
+            ``include_background=False`` or ``batch=True``.
+
+    Returns:
+        The loss: ``loss(logits (B, C, *spatial), label (B, 1, *spatial)) -> scalar``.
+    """
+    options = {"to_onehot_y": True, "softmax": True}
+    options.update(kwargs)
+    return DiceCELoss(**options)
+
+
+def weighted_sum(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """``sum(weights[name] * terms[name])`` over the terms present.
+
+    Args:
+        terms: unweighted loss terms by stream name; a stream left out contributes 0.
+        weights: weight of every stream name that may appear in ``terms``.
+
+    Returns:
+        The weighted sum, a scalar tensor.
+
+    Raises:
+        ValueError: ``terms`` is empty.
+        KeyError: a term has no weight.
+    """
+    if not terms:
+        raise ValueError("no loss terms to sum")
+    unknown = [name for name in terms if name not in weights]
+    if unknown:
+        raise KeyError(f"loss terms {unknown} have no weight; weights are given for {list(weights)}")
+    return sum(float(weights[name]) * term for name, term in terms.items())  # type: ignore[return-value]
+
+
+class WeightedStreamsLoss(torch.nn.Module):
+    """Weighted sum of a base loss computed separately per stream of training data.
+
+    Two ways to call it:
+
+    - **per-item streams** (organs, eq. 1): ``loss(logits, target, stream)``; ``stream`` names
+      the stream of each batch item (a list of names as MONAI's collate makes of a string
+      field, a single name for the whole batch, or a LongTensor / list of indices into
+      :attr:`streams`). The base loss is computed on the items of each stream present and the
+      terms are summed with their weights; a stream absent from the batch contributes 0.
+    - **one target per stream** (mean teacher, eq. 2): ``loss(logits, {"labelled": y, "cpl":
+      y_teacher})``; every target covers the whole batch (the same images), each gives one term.
+
+    Args:
+        weights: weight of every stream, e.g. :data:`ORGAN_STREAM_WEIGHTS`; its key order is the
+            order of :attr:`streams` (what integer stream indices refer to).
+        base_loss: loss of one stream, ``base_loss(logits, target) -> scalar``; default
+            :func:`dice_ce_loss`.
+
+    Attributes:
+        streams: the stream names, in the order of ``weights``.
+        last_terms: unweighted term of every stream present in the last call, as floats
+            (``{"labelled": L_ol, "cpl": L_cpl, "pl": L_pl}``), for logging.
+    """
+
+    def __init__(self, weights: Mapping[str, float] = ORGAN_STREAM_WEIGHTS, base_loss: torch.nn.Module | None = None):
+        super().__init__()
+        if not weights:
+            raise ValueError("weights must name at least one stream")
+        if any(float(w) < 0 for w in weights.values()):
+            raise ValueError(f"stream weights must be >= 0, got {dict(weights)}")
+        self.weights: dict[str, float] = {str(name): float(w) for name, w in weights.items()}
+        self.streams: tuple[str, ...] = tuple(self.weights)
+        self.base_loss = dice_ce_loss() if base_loss is None else base_loss
+        self.last_terms: dict[str, float] = {}
+
+    def stream_names(self, stream: str | Sequence[str] | Sequence[int] | torch.Tensor, batch_size: int) -> list[str]:
+        """The stream name of each of ``batch_size`` items, from any accepted ``stream`` form.
+
+        Raises:
+            ValueError: wrong length, or a name / index that is not one of :attr:`streams`.
+        """
+        if isinstance(stream, str):
+            names = [stream] * batch_size
+        else:
+            if isinstance(stream, torch.Tensor):
+                stream = stream.reshape(-1).tolist()
+            names = []
+            for s in stream:
+                if isinstance(s, str):
+                    names.append(s)
+                elif 0 <= int(s) < len(self.streams):
+                    names.append(self.streams[int(s)])
+                else:
+                    raise ValueError(f"stream index {s} out of range for streams {self.streams}")
+        if len(names) != batch_size:
+            raise ValueError(f"got {len(names)} stream labels for a batch of {batch_size}")
+        unknown = sorted(set(names) - set(self.streams))
+        if unknown:
+            raise ValueError(f"unknown streams {unknown}: the loss has weights for {self.streams}")
+        return names
+
+    def forward(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor | Mapping[str, torch.Tensor],
+        stream: str | Sequence[str] | Sequence[int] | torch.Tensor | None = None,
+        return_terms: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss of a batch.
+
+        Args:
+            logits: network output, ``(B, C, *spatial)``.
+            target: label map ``(B, 1, *spatial)`` with ``stream`` given; or a dict stream name
+                -> label map ``(B, 1, *spatial)`` of the whole batch, with ``stream`` left out.
+            stream: stream of each item (names or indices into :attr:`streams`) or one name for
+                the whole batch; only with a single ``target``.
+            return_terms: also return the unweighted terms (tensors in the graph).
+
+        Returns:
+            The scalar ``sum(weights[s] * base_loss(items of s))``; with ``return_terms``, the
+            pair ``(loss, {stream: term})`` over the streams present.
+        """
+        if isinstance(target, Mapping):
+            if stream is not None:
+                raise ValueError("give either per-stream targets or per-item stream labels, not both")
+            unknown = sorted(set(target) - set(self.streams))
+            if unknown:
+                raise ValueError(f"unknown streams {unknown}: the loss has weights for {self.streams}")
+            terms = {name: self.base_loss(logits, target[name]) for name in self.streams if name in target}
+        else:
+            if stream is None:
+                raise ValueError("a single target needs the stream of each batch item")
+            names = self.stream_names(stream, logits.shape[0])
+            terms = {}
+            for name in self.streams:
+                items = [i for i, n in enumerate(names) if n == name]
+                if not items:
+                    continue  # absent stream: contributes 0
+                if len(items) == len(names):
+                    terms[name] = self.base_loss(logits, target)
+                else:
+                    index = torch.as_tensor(items)
+                    terms[name] = self.base_loss(
+                        logits.index_select(0, index.to(logits.device)), target.index_select(0, index.to(target.device))
+                    )
+        total = weighted_sum(terms, self.weights)
+        self.last_terms = {name: float(term.detach()) for name, term in terms.items()}
+        return (total, terms) if return_terms else total
