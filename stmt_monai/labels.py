@@ -83,6 +83,23 @@ def stage_target_map(stage: str) -> tuple[list[int], list[int]]:
     raise ValueError(f"unknown stage {stage!r}: expected one of {STAGES}")
 
 
+def stage_output_map(stage: str) -> tuple[list[int], list[int]]:
+    """Label mapping from a stage network's channel indices to FLARE labels, ``(channels, labels)``.
+
+    The inverse of :func:`stage_target_map` on the network's output, suited to
+    ``monai.transforms.MapLabelValue``: stage 1's channel 1 stays 1 (abdomen, not a FLARE class);
+    organ channels are FLARE numbers already; the tumor network's channel 1 becomes :data:`TUMOR`
+    (14), so a tumor prediction written with it is a FLARE label map.
+    """
+    if stage == "abdomen":
+        return [BACKGROUND, 1], [BACKGROUND, 1]
+    if stage == "organ":
+        return list(ORGAN_CHANNELS), list(ORGAN_CHANNELS)
+    if stage == "tumor":
+        return [BACKGROUND, 1], [BACKGROUND, TUMOR]
+    raise ValueError(f"unknown stage {stage!r}: expected one of {STAGES}")
+
+
 def label_name(label: int) -> str:
     """Name of a FLARE label number (0 is ``background``)."""
     return ALL_CHANNELS[int(label)]

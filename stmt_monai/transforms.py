@@ -10,6 +10,7 @@ online augmentations (:func:`augmentations`).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
 
@@ -31,13 +32,24 @@ from monai.transforms import (
     RandScaleIntensityFixedMeand,
     RandSimulateLowResolutiond,
     EnsureTyped,
+    MapLabelValued,
 )
 
-from stmt_monai.io import ImageError, load_image, load_label
-from stmt_monai.labels import STAGES, stage_target_map
-from stmt_monai.preprocessing import ROI_MARGIN_MM, Fingerprint, prepare_volume
+from stmt_monai.io import ImageError, case_name, load_image, load_label, write_text_atomic
+from stmt_monai.labels import STAGES, stage_output_map, stage_target_map
+from stmt_monai.preprocessing import (
+    ROI_MARGIN_MM,
+    ROI_MIN_COMPONENT_FRACTION,
+    CaseGeometry,
+    Fingerprint,
+    abdomen_roi_from_prediction,
+    prepare_volume,
+)
 
 IMAGE, LABEL, ROI, GEOMETRY, STREAM = "image", "label", "roi", "geometry", "stream"
+#: value of an item's ``roi`` that means "no crop: the whole image is the region of interest"
+#: (a tumor-only annotation has no organs to give the box, and the tumor's own box is not the abdomen)
+WHOLE_IMAGE_ROI = "whole_image"
 
 
 def as_fingerprint(fingerprint: Fingerprint | Mapping | str | os.PathLike) -> Fingerprint:
@@ -62,7 +74,8 @@ class LoadStageInputd(MapTransform, Randomizable):
 
     Input dict: ``image`` (path: NIfTI, ITK file or DICOM folder), optional ``label``
     (path), optional ``roi`` (path of a mask on the image's grid whose bounding box is the
-    stage-2 region of interest; without it the label itself gives the box in stage 2).
+    stage-2 region of interest, or :data:`WHOLE_IMAGE_ROI` for no crop; without it the label
+    itself gives the box in stage 2).
     Output dict: ``image`` ``(1, *spatial_size)`` float32 normalised; ``label``
     ``(1, *spatial_size)`` uint8 stage target; ``geometry`` a JSON string of the
     :class:`~stmt_monai.preprocessing.CaseGeometry` (collates as a list of strings), used by
@@ -112,7 +125,9 @@ class LoadStageInputd(MapTransform, Randomizable):
             labels, _ = load_label(d[LABEL], image.shape, affine)
         roi_mask = None
         if self.crop_roi:
-            if d.get(ROI) is not None:
+            if d.get(ROI) == WHOLE_IMAGE_ROI:
+                roi_mask = None
+            elif d.get(ROI) is not None:
                 roi_mask, _ = load_label(d[ROI], image.shape, affine)
             elif labels is not None:
                 roi_mask = labels
@@ -267,6 +282,22 @@ class RestoreLabelMapd(MapTransform):
         return d
 
 
+class ToFlareLabelsd(MapLabelValued):
+    """A stage network's label map (channel indices) as FLARE labels, e.g. tumor channel 1 -> 14.
+
+    MONAI's :class:`~monai.transforms.MapLabelValued` with the mapping of
+    :func:`stmt_monai.labels.stage_output_map`; output uint8.
+
+    Args:
+        keys: label maps to convert (``"pred"``).
+        stage: ``"abdomen"``, ``"organ"`` or ``"tumor"``.
+    """
+
+    def __init__(self, keys: KeysCollection = ("pred",), stage: str = "tumor", allow_missing_keys: bool = False):
+        orig, target = stage_output_map(stage)
+        super().__init__(keys, orig, target, dtype=np.uint8, allow_missing_keys=allow_missing_keys)
+
+
 class SaveLabelMapd(MapTransform):
     """Write ``key`` (``(1, X, Y, Z)`` labels on the input's grid, from :class:`RestoreLabelMapd`)
     as ``<output_dir>/<case>.nii.gz`` (FLARE naming), atomically, with the input's affine.
@@ -303,11 +334,91 @@ class SaveLabelMapd(MapTransform):
         return d
 
 
+class LoadTargetd(MapTransform):
+    """The stage's training target on the input file's own grid, to score at full resolution.
+
+    Replaces ``keys`` (``"label"``) with the label map read from ``path_key`` (``"label_path"``,
+    set by :class:`LoadStageInputd`) and mapped to the stage's target
+    (:func:`stmt_monai.labels.stage_target_map`), as a ``(1, X, Y, Z)`` uint8 tensor in the
+    file's voxel order: the grid :class:`RestoreLabelMapd` restores predictions to.
+
+    Args:
+        stage: ``"abdomen"``, ``"organ"`` or ``"tumor"``.
+        keys: label key(s) to replace.
+        path_key: key of the label file's path.
+    """
+
+    def __init__(self, stage: str, keys: KeysCollection = (LABEL,), path_key: str = "label_path"):
+        super().__init__(keys)
+        self.lut = torch.from_numpy(target_lookup(stage))
+        self.path_key = path_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        labels, _ = load_label(d[self.path_key])
+        for key in self.key_iterator(d):
+            d[key] = self.lut[torch.from_numpy(labels).long()][None]
+        return d
+
+
+class AbdomenRoid(MapTransform):
+    """Stage 1's output for the cascade: the region of interest, kept and optionally saved.
+
+    Reads ``keys`` (``"pred"``: the discrete ``(1, X', Y', Z')`` abdomen mask at network
+    resolution, i.e. before :class:`RestoreLabelMapd`) and ``geometry``, stores the dict of
+    :func:`stmt_monai.preprocessing.abdomen_roi_from_prediction` plus ``case`` and ``image``
+    under ``roi_key`` and, with an ``output_dir``, writes it as
+    ``<output_dir>/<case><output_postfix>.json`` (atomically).
+
+    Args:
+        keys: the mask key (one).
+        output_dir: where the JSON goes; ``None`` keeps the ROI in the dict only.
+        margin_mm: margin around the abdomen box, mm.
+        min_component_fraction: components below this share of the largest one are ignored.
+        roi_key: output key of the ROI dict.
+        geometry_key, image_path_key: where the case's geometry and input path are.
+        output_postfix: appended to the case name (``<case>_roi.json``).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("pred",),
+        output_dir: str | os.PathLike | None = None,
+        margin_mm: float = ROI_MARGIN_MM,
+        min_component_fraction: float = ROI_MIN_COMPONENT_FRACTION,
+        roi_key: str = "abdomen_roi",
+        geometry_key: str = GEOMETRY,
+        image_path_key: str = "image_path",
+        output_postfix: str = "_roi",
+    ):
+        super().__init__(keys)
+        self.output_dir = output_dir
+        self.margin_mm, self.min_component_fraction = float(margin_mm), float(min_component_fraction)
+        self.roi_key, self.geometry_key, self.image_path_key = roi_key, geometry_key, image_path_key
+        self.output_postfix = output_postfix
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        geometry = CaseGeometry.from_json(d[self.geometry_key])
+        for key in self.key_iterator(d):
+            name = case_name(d[self.image_path_key])
+            roi = abdomen_roi_from_prediction(d[key], geometry, self.margin_mm, self.min_component_fraction)
+            d[self.roi_key] = {"case": name, "image": str(d[self.image_path_key]), **roi}
+            if self.output_dir is not None:
+                path = os.path.join(self.output_dir, f"{name}{self.output_postfix}.json")
+                write_text_atomic(path, json.dumps(d[self.roi_key], indent=1) + "\n")
+        return d
+
+
 __all__ = [
+    "AbdomenRoid",
+    "LoadTargetd",
     "SaveLabelMapd",
     "ImageError",
     "LoadStageInputd",
     "RestoreLabelMapd",
+    "ToFlareLabelsd",
+    "WHOLE_IMAGE_ROI",
     "augmentations",
     "stage_transforms",
     "as_fingerprint",

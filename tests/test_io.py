@@ -79,3 +79,20 @@ def test_save_is_atomic_and_exact(real_ct, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["x.nii.gz"]  # no temporary left behind
     written = nib.load(str(out))
     assert written.get_data_dtype() == np.uint8 and np.allclose(written.affine, affine)
+
+
+def test_image_datalist_lists_files_and_dicom_folders(real_ct, real_dicom, tmp_path):
+    import shutil
+
+    from stmt_monai.io import image_datalist
+
+    shutil.copy(real_ct, tmp_path / "b_0000.nii.gz")
+    shutil.copytree(real_dicom, tmp_path / "a_dicom")
+    (tmp_path / ".b_0000.nii.gz.part.nii.gz").write_bytes(b"")  # an interrupted write: skipped
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert image_datalist(tmp_path) == [{"image": str(tmp_path / "a_dicom")}, {"image": str(tmp_path / "b_0000.nii.gz")}]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageError, match="holds no image"):
+        image_datalist(tmp_path / "empty")
+    with pytest.raises(ImageError, match="no such folder"):
+        image_datalist(tmp_path / "missing")

@@ -167,3 +167,75 @@ def test_transforms_restore_through_monai(real_ct):
     assert tuple(out["image"].shape) == (1, 32, 32, 32)
     restored = RestoreLabelMapd("pred")({"pred": torch.ones(1, 32, 32, 32), "geometry": out["geometry"]})
     assert tuple(restored["pred"].shape) == (1, 122, 101, 112) and int(restored["pred"].min()) == 1
+
+
+# ----------------------------------------------------------------------------- stage-1 ROI
+def _flip_to_lps(image, affine):
+    """The same CT stored in LPS voxel order: flipped x and y, affine updated (same world)."""
+    flip = np.eye(4)
+    flip[0, 0], flip[1, 1] = -1, -1
+    flip[0, 3], flip[1, 3] = image.shape[0] - 1, image.shape[1] - 1
+    return np.ascontiguousarray(image[::-1, ::-1]), affine @ flip
+
+
+def test_abdomen_roi_from_prediction_maps_box_and_drops_small_far_components():
+    from stmt_monai.preprocessing import abdomen_roi_from_prediction
+
+    # canonical 100 x 80 x 60 voxels of 2 x 2 x 4 mm, network grid 50 x 40 x 30 (factor 2 per axis)
+    geometry = CaseGeometry((100, 80, 60), np.diag([2.0, 2.0, 4.0, 1.0]), np.array([[0, 1], [1, 1], [2, 1]]),
+                            (0, 0, 0), (100, 80, 60), (50, 40, 30))
+    mask = np.zeros((50, 40, 30), np.uint8)
+    mask[10:20, 10:30, 5:15] = 1  # 2000 voxels
+    mask[45:47, 0:2, 28:30] = 1  # 8 voxels far away: < 10 % of the largest
+    roi = abdomen_roi_from_prediction(mask, geometry, margin_mm=10.0)
+    # box [20, 40) x [20, 60) x [10, 30) on the canonical grid, plus ceil(10 / spacing) = 5, 5, 3
+    assert roi["start_voxel"] == [15, 15, 7] and roi["end_voxel"] == [45, 65, 33]
+    assert roi["found"] and roi["num_components"] == 2 and roi["num_components_kept"] == 1
+    assert np.allclose(roi["start_mm"], [29.0, 29.0, 26.0]) and np.allclose(roi["end_mm"], [89.0, 129.0, 130.0])
+    assert roi["spacing_mm"] == [2.0, 2.0, 4.0] and roi["canonical_shape"] == [100, 80, 60]
+    # keeping every component lets the far one stretch the box; the margin is clamped to the volume
+    every = abdomen_roi_from_prediction(torch.as_tensor(mask)[None], geometry.to_json(), 10.0, min_component_fraction=0)
+    assert every["start_voxel"] == [15, 0, 7] and every["end_voxel"] == [99, 65, 60]
+    # nothing found: the whole volume, nothing cropped away
+    empty = abdomen_roi_from_prediction(np.zeros((50, 40, 30)), geometry)
+    assert not empty["found"] and empty["start_voxel"] == [0, 0, 0] and empty["end_voxel"] == [100, 80, 60]
+
+
+def test_stage1_roi_covers_real_organs_in_any_orientation(real_ct, real_organs):
+    """A perfect 128^3 abdomen mask gives a ROI holding every organ voxel of the real CT."""
+    from stmt_monai.preprocessing import STAGE1_SIZE, abdomen_roi_from_prediction, roi_coverage
+
+    image, affine = load_image(real_ct)
+    labels, _ = load_label(real_organs, image.shape, affine)
+    rois = []
+    for img, aff, lab in [(image, affine, labels), (*_flip_to_lps(image, affine), _flip_to_lps(labels, affine)[0])]:
+        _, net_labels, geometry = prepare_volume(img, aff, STAGE1_SIZE, labels=lab)
+        roi = abdomen_roi_from_prediction(net_labels > 0, geometry, margin_mm=0.0)
+        assert roi_coverage(lab, aff, roi["start_voxel"], roi["end_voxel"]) == 1.0
+        rois.append(roi)
+    # canonical voxels and world mm do not depend on the file's voxel order
+    assert rois[0]["start_voxel"] == rois[1]["start_voxel"] and rois[0]["end_voxel"] == rois[1]["end_voxel"]
+    assert np.allclose(rois[0]["start_mm"], rois[1]["start_mm"]) and np.allclose(rois[0]["end_mm"], rois[1]["end_mm"])
+    # the box is tight: within one network voxel (< 1 canonical voxel here) of the truth's box
+    truth = np.argwhere(labels > 0)
+    assert np.all(np.abs(np.asarray(rois[0]["start_voxel"]) - truth.min(0)) <= 1)
+    assert np.all(np.abs(np.asarray(rois[0]["end_voxel"]) - (truth.max(0) + 1)) <= 1)
+    # coverage counts the share inside: cutting the box in half along z loses voxels
+    start, end = rois[0]["start_voxel"], list(rois[0]["end_voxel"])
+    end[2] = (start[2] + end[2]) // 2
+    assert 0.0 < roi_coverage(labels, affine, start, end) < 1.0
+    assert roi_coverage(np.zeros_like(labels), affine, start, end) == 1.0
+
+
+def test_abdomen_roid_writes_roi_json_and_load_targetd_reads_input_grid(real_ct, real_organs, tmp_path):
+    from stmt_monai.transforms import AbdomenRoid, LoadTargetd
+
+    fp = Fingerprint(lower=-300, upper=300, mean=0, std=100)
+    case = stage_transforms("abdomen", fp, (64, 64, 64))({"image": str(real_ct), "label": str(real_organs)})
+    out = AbdomenRoid("pred", output_dir=tmp_path)({**case, "pred": case["label"]})
+    written = json.loads((tmp_path / "abdomen_ct_3mm_roi.json").read_text())
+    assert written == out["abdomen_roi"] and written["case"] == "abdomen_ct_3mm" and written["found"]
+    assert written["image"] == str(real_ct) and written["margin_mm"] == 10.0
+    target = LoadTargetd("abdomen")(case)["label"]
+    labels, _ = load_label(real_organs)
+    assert tuple(target.shape) == (1, *labels.shape) and torch.equal(target[0], torch.from_numpy((labels > 0).astype(np.uint8)))

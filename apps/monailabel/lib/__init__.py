@@ -1,0 +1,1 @@
+"""Inference and training tasks of the stmt-monai MONAI Label app (``apps/monailabel``)."""

@@ -1,0 +1,241 @@
+"""Stage 1 (bundles/coarse_abdomen) on a small generated cohort, on the CPU: DSC, ROI coverage, time.
+
+    python benchmarks/coarse_abdomen_cpu.py --out /tmp/coarse_abdomen_bench
+    python benchmarks/coarse_abdomen_cpu.py --out /tmp/coarse_abdomen_bench --max_epochs 10 \
+        --spatial_size 64 --base_channels 8 --size 64 --num_labelled 12 --num_unlabelled 4
+
+Steps, each with the project's own entry points:
+
+1. a synthetic FLARE23-layout cohort (``stmt_monai.cohort.make_cohort``, as ``scripts/make_cohort.py``)
+   and its datalists and fingerprint (``stmt_monai.triage.triage_dataset``, as ``scripts/prepare_data.py``);
+2. pseudo labels for the partial and unlabelled cases, in the organ teacher's datalist format, with
+   the cohort's hidden truth standing in for the teacher ("oracle teacher": organs of the truth,
+   corrected with the partial annotation exactly as ``correct_pseudo_label`` does). The real
+   teacher is organ_selftrain's; this isolates stage 1 from the teacher's quality;
+3. the bundle's README commands (``python -m monai.bundle run``): train at reduced size, evaluate
+   ``models/model.pt`` on the validation cases (Dice at the input's resolution) and on the held-out
+   test cases, inference on the test cases and the real CT;
+4. ROI coverage: share of each case's organ (1..13) and tumor (14) voxels inside ``<case>_roi.json``.
+
+The real CT is the cohort's source (every generated case is a deformation of it), so its figures
+show the full-size, real-intensity path, not generalisation to a new patient.
+Prints a markdown summary; writes ``<out>/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
+from stmt_monai.io import load_label, save_label_map  # noqa: E402
+from stmt_monai.labels import ORGAN_CLASSES, TUMOR  # noqa: E402
+from stmt_monai.metrics import dice  # noqa: E402
+from stmt_monai.preprocessing import abdomen_roi, roi_coverage, to_canonical  # noqa: E402
+from stmt_monai.pseudo_label import keep_annotated_tumor  # noqa: E402
+from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label  # noqa: E402
+
+BUNDLE = "bundles/coarse_abdomen"
+REAL_CT = REPO / "stmt_monai" / "example_data" / "abdomen_ct_3mm.nii.gz"
+REAL_ORGANS = REPO / "stmt_monai" / "example_data" / "abdomen_ct_3mm_organs.nii.gz"
+
+
+def bundle_command(configs: list[str], **overrides) -> list[str]:
+    """The bundle README's ``python -m monai.bundle run`` command plus ``--key value`` overrides."""
+    files = ",".join(f"'{BUNDLE}/configs/{c}.json'" for c in configs)
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{files}]",
+            "--meta_file", f"{BUNDLE}/configs/metadata.json", "--logging_file", f"{BUNDLE}/configs/logging.conf"]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def run(args: list[str], log_path: Path) -> tuple[str, float]:
+    """Run a command from the repository root, its output streamed into ``log_path``.
+
+    Returns:
+        ``(output, cpu_seconds)``: the output, and the CPU time (user + system, all cores) the
+        command used, which depends far less than wall time on what else the machine runs.
+    """
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(log_path, "w") as log_file:
+        returncode = subprocess.run(args, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT).returncode
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    log = log_path.read_text()
+    if returncode:
+        raise SystemExit(f"failed ({log_path}):\n{log[-3000:]}")
+    print(f"  {log_path.name}: {time.perf_counter() - start:.0f} s wall, {cpu_s:.0f} s CPU", flush=True)
+    return log, cpu_s
+
+
+def oracle_pseudo_labels(root: Path, prepared: Path, out: Path) -> Path:
+    """Pseudo-label datalist (organ teacher's format) with the hidden truth as the teacher."""
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for job in json.loads((prepared / "datalist_pseudo_label_jobs.json").read_text())["training"]:
+        truth, affine = load_label(root / "truth" / f"{job['name']}.nii.gz")
+        pseudo, classes = np.where(truth == TUMOR, 0, truth).astype(np.uint8), ()
+        if job.get("label"):
+            annotation, _ = load_label(prepared / job["label"])
+            classes = annotated_organ_classes(annotation)
+            pseudo = keep_annotated_tumor(correct_pseudo_label(pseudo, annotation, classes), annotation)
+        save_label_map(out / f"{job['name']}.nii.gz", pseudo, affine)
+        records.append({"image": str((prepared / job["image"]).resolve()), "label": f"{job['name']}.nii.gz",
+                        "name": job["name"], "stream": "cpl" if classes else "pl",
+                        "annotated_classes": list(classes), "quality": 1.0})
+    path = out / "datalist_pseudo_labelled.json"
+    path.write_text(json.dumps({"training": records}, indent=1))
+    return path
+
+
+def coverage(labels_path: Path, roi_path: Path) -> dict:
+    """Share of the case's organ and tumor voxels inside its ROI; the ROI's share of the volume,
+    and that of the ideal ROI (the truth's box with the same margin) for comparison."""
+    labels, affine = load_label(labels_path)
+    roi = json.loads(roi_path.read_text())
+    box = roi["start_voxel"], roi["end_voxel"]
+    canonical, canonical_affine, _ = to_canonical(labels, affine)
+    spacing = np.sqrt((canonical_affine[:3, :3] ** 2).sum(0))
+    ideal = abdomen_roi(canonical > 0, spacing, roi["margin_mm"])
+    return {
+        "organs": roi_coverage(labels, affine, *box, classes=ORGAN_CLASSES),
+        "tumor": roi_coverage(labels, affine, *box, classes=[TUMOR]) if (labels == TUMOR).any() else None,
+        "roi_share_of_volume": float(np.prod(np.subtract(box[1], box[0])) / labels.size),
+        "truth_roi_share_of_volume": float(np.prod(np.subtract(ideal[1], ideal[0])) / labels.size),
+    }
+
+
+def main(
+    out: str = "/tmp/coarse_abdomen_bench",
+    seed: int = 0,
+    size: int = 64,
+    num_labelled: int = 12,
+    num_unlabelled: int = 4,
+    num_validation: int = 4,
+    num_test: int = 6,
+    fully_share: float = 0.34,
+    spatial_size: int = 64,
+    base_channels: int = 8,
+    num_downsamplings: int = 5,
+    max_epochs: int = 10,
+    val_interval: int = 5,
+    num_workers: int = 1,
+    fresh: bool = True,
+) -> None:
+    """Run the benchmark in ``out`` (removed first when ``fresh``) and print its summary."""
+    from stmt_monai.cohort import CohortConfig, make_cohort
+    from stmt_monai.triage import triage_dataset
+
+    out = Path(out).resolve()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cohort, prepared, bundle_root = out / "cohort", out / "cohort" / "prepared", out / "bundle"
+    config = CohortConfig(num_labelled=num_labelled, num_unlabelled=num_unlabelled, num_validation=num_validation,
+                          num_test=num_test, size=size, fully_share=fully_share)
+    print("cohort and datalists", flush=True)
+    make_cohort(cohort, config, seed=seed, progress=False)
+    triage = triage_dataset(cohort, prepared, progress=False)
+    pseudo = oracle_pseudo_labels(cohort, prepared, out / "pseudo_labels")
+    sizes = {"spatial_size": f"[{spatial_size},{spatial_size},{spatial_size}]", "base_channels": base_channels,
+             "num_downsamplings": num_downsamplings, "num_workers": num_workers}
+
+    print("bundle", flush=True)
+    load_before = os.getloadavg()[0]
+    log, train_cpu_s = run(bundle_command(["common", "train"], bundle_root=bundle_root, prepared_dir=prepared, pseudo_datalist=pseudo,
+                             max_epochs=max_epochs, val_interval=val_interval, **sizes), out / "train.log")
+    load_after = os.getloadavg()[0]
+    epoch_s = [60 * int(m) + float(s) for m, s in re.findall(r"SelfTrainingTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: 00:(\d+):([\d.]+)", log)]
+    validation_s = [60 * int(m) + float(s) for m, s in re.findall(r"SupervisedEvaluator - INFO - Epoch\[\d+\] Complete\. Time taken: 00:(\d+):([\d.]+)", log)]
+    val_dice = [float(v) for v in re.findall(r"Metrics -- val_mean_dice: ([\d.]+)", log)]
+    first_losses = [float(v) for v in re.findall(r"Epoch: 1/\d+, Iter: \d+/\d+ -- loss: ([\d.]+)", log)]
+    last_losses = [float(v) for v in re.findall(rf"Epoch: {max_epochs}/\d+, Iter: \d+/\d+ -- loss: ([\d.]+)", log)]
+
+    dsc = {}
+    for split in ("validation", "test"):
+        eval_dir = out / f"eval_{split}"
+        run(bundle_command(["common", "train", "evaluate"], bundle_root=bundle_root, prepared_dir=prepared,
+                           validation_key=split, output_dir=eval_dir, **sizes), out / f"evaluate_{split}.log")
+        rows = (eval_dir / "val_mean_dice_raw.csv").read_text().strip().splitlines()[1:]
+        dsc[split] = [float(r.split(",")[1]) for r in rows]
+
+    inputs = out / "inference_inputs"
+    inputs.mkdir(exist_ok=True)
+    shutil.copy(REAL_CT, inputs / "real_ct_0000.nii.gz")
+    truth = {"real_ct": REAL_ORGANS}
+    for image in sorted((cohort / "test" / "images").iterdir()):
+        shutil.copy(image, inputs / image.name)
+        name = image.name[: -len("_0000.nii.gz")]
+        truth[name] = cohort / "test" / "labels" / f"{name}.nii.gz"
+    infer_dir = out / "inference"
+    start = time.perf_counter()
+    _, inference_cpu_s = run(bundle_command(["common", "inference"], bundle_root=bundle_root, input_dir=inputs, output_dir=infer_dir, **sizes),
+        out / "inference.log")
+    inference_s = time.perf_counter() - start
+    cover = {name: coverage(path, infer_dir / f"{name}_roi.json") for name, path in truth.items()}
+    real_mask, _ = load_label(infer_dir / "real_ct.nii.gz")
+    real_truth, _ = load_label(REAL_ORGANS)
+    real_dsc = dice(real_truth > 0, real_mask > 0)
+
+    generated = [v for k, v in cover.items() if k != "real_ct"]
+    results = {
+        "settings": {"cohort": {"size": size, "num_labelled": num_labelled, "num_unlabelled": num_unlabelled,
+                                "num_validation": num_validation, "num_test": num_test, "fully_share": fully_share,
+                                "seed": seed, "counts": triage.counts},
+                     "spatial_size": spatial_size, "base_channels": base_channels, "num_downsamplings": num_downsamplings,
+                     "max_epochs": max_epochs, "val_interval": val_interval, "num_workers": num_workers,
+                     "training_items": len(json.loads(pseudo.read_text())["training"])
+                     + len(json.loads((prepared / "datalist_fully_labelled.json").read_text())["training"])},
+        "epoch_seconds": epoch_s,
+        "train_cpu_seconds": train_cpu_s,
+        "load_average_1min_before_after_training": [load_before, load_after],
+        "cpu_cores": os.cpu_count(),
+        "validation_seconds": validation_s,
+        "val_dice_during_training": val_dice,
+        "loss_first_epoch": float(np.mean(first_losses)),
+        "loss_last_epoch": float(np.mean(last_losses)),
+        "dsc_input_resolution": dsc,
+        "real_ct_dsc": real_dsc,
+        "roi_coverage": cover,
+        "inference_seconds_total": inference_s,
+        "inference_cpu_seconds": inference_cpu_s,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    train_s = np.asarray(epoch_s)
+    print(f"\n| what | figure |\n| --- | --- |")
+    print(f"| training items (labelled + CPL + PL) | {results['settings']['training_items']} |")
+    print(f"| time per epoch (incl. validation when due), wall, mean / median | {train_s.mean():.1f} s / {np.median(train_s):.1f} s "
+          f"({os.cpu_count()} cores, load average {load_before:.1f} -> {load_after:.1f}) |")
+    print(f"| CPU time per epoch (whole training run incl. start-up / epochs) | {train_cpu_s / max_epochs:.1f} s |")
+    print(f"| training loss, epoch 1 -> epoch {max_epochs} (mean) | {results['loss_first_epoch']:.3f} -> {results['loss_last_epoch']:.3f} |")
+    print(f"| val Dice during training (network resolution) | {', '.join(f'{v:.3f}' for v in val_dice)} |")
+    for split, values in dsc.items():
+        print(f"| abdomen DSC, {split} ({len(values)} cases, input resolution), mean (min) | {np.mean(values):.3f} ({np.min(values):.3f}) |")
+    print(f"| abdomen DSC, real CT (organs > 0 as truth) | {real_dsc:.3f} |")
+    print(f"| ROI organ coverage, {len(generated)} held-out generated cases, mean (min) | "
+          f"{np.mean([c['organs'] for c in generated]):.4f} ({np.min([c['organs'] for c in generated]):.4f}) |")
+    tumors = [c["tumor"] for c in generated if c["tumor"] is not None]
+    if tumors:
+        print(f"| ROI tumor coverage, {len(tumors)} held-out cases with tumors, mean (min) | {np.mean(tumors):.4f} ({np.min(tumors):.4f}) |")
+    print(f"| ROI organ coverage, real CT | {cover['real_ct']['organs']:.4f} |")
+    print(f"| ROI share of the volume, generated mean / real CT (truth's box + margin: generated / real) | "
+          f"{np.mean([c['roi_share_of_volume'] for c in generated]):.2f} / {cover['real_ct']['roi_share_of_volume']:.2f} "
+          f"({np.mean([c['truth_roi_share_of_volume'] for c in generated]):.2f} / {cover['real_ct']['truth_roi_share_of_volume']:.2f}) |")
+    print(f"| inference, {len(truth)} cases incl. start-up | {inference_s:.0f} s wall, {inference_cpu_s:.0f} s CPU |")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

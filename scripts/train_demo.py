@@ -1,0 +1,186 @@
+"""Train the shipped demo weights: all three stages, on a generated cohort, on the CPU.
+
+    python scripts/train_demo.py                       # the shipped weights (seed 0)
+    python scripts/train_demo.py --work_dir /tmp/demo --epochs 2 --teacher_epochs 2   # a smoke run
+
+Steps (the paper's order, each one its bundle's own workflow run by ``python -m monai.bundle run``):
+
+1. a synthetic FLARE23-like cohort from the shipped real CT (``stmt_monai.cohort``) and its
+   triage into the paper's categories, datalists and fingerprint (``stmt_monai.triage``);
+2. ``configs/demo.json`` in each stage bundle (:func:`stmt_monai.inference.write_demo_config`):
+   the reduced networks (:data:`DEMO_NETWORK`, :data:`DEMO_SIZES`) and ``ckpt_dir`` =
+   ``models/demo``; every training run below layers it last, and the cascade layers it when it
+   loads the demo weights, so both build the same network;
+3. ``organ_selftrain``: teacher (a small ``res_unet_large``, :data:`DEMO_TEACHER`), pseudo labels
+   (corrected for partial cases), student; ``coarse_abdomen``: student on the same labels and
+   pseudo labels; ``tumor_meanteacher``: mean teacher;
+4. each ``models/demo/model.pt`` reduced to the network the cascade runs (the tumor bundle's
+   ``inference_network``) in fp16, the training leftovers (checkpoints, teacher) deleted, and
+   ``models/demo/demo_weights.json`` written (settings, epochs, sizes, sha256, seconds).
+
+The demo weights are for running the pipeline on a fresh machine, not for any real measurement:
+trained for minutes on synthetic cases derived from one CT. Train real weights with each
+bundle's docs/README.md commands (``models/model.pt`` then takes precedence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+from stmt_monai.inference import STAGE_BUNDLES, bundle_config, load_weights, save_weights, write_demo_config  # noqa: E402
+
+#: reduced Res-UNet of every demo network: 8 base channels, 4 down-samplings, at most 128
+#: channels (1.42 M parameters, 2.9 MB in fp16; the paper's student has 16.7 M)
+DEMO_NETWORK = {"base_channels": 8, "num_downsamplings": 4, "network_def#max_channels": 128}
+#: demo input sizes (multiples of 2**4); the paper's are 128^3 and 192^3. A CPU trains the
+#: organ student at 96^3 (batch 3, augmentations) at ~15 s an iteration: too slow for a demo
+DEMO_SIZES = {"abdomen": [48, 48, 48], "organ": [64, 64, 64], "tumor": [64, 64, 64]}
+#: the organ teacher of the demo: the convolutional stand-in, small, on a coarse grid
+DEMO_TEACHER = {
+    "teacher_kind": "res_unet_large",
+    "teacher_base_channels": "8",
+    "teacher_num_downsamplings": "4",
+    "teacher_roi_size": "[48,48,48]",
+    "teacher_spacing_mm": "[5,5,5]",
+}
+
+
+def _bundle_command(bundle: Path, workflow: str, overrides: dict) -> list[str]:
+    configs = bundle / "configs"
+    files = [str(configs / "common.json"), str(configs / f"{workflow}.json"), str(configs / "demo.json")]
+    args = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--bundle_root", str(bundle),
+        "--config_file", repr(files),
+        "--meta_file", str(configs / "metadata.json"),
+        "--logging_file", str(configs / "logging.conf"),
+    ]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    return args
+
+
+def _run(bundle: Path, workflow: str, overrides: dict, log_dir: Path) -> float:
+    """Run one bundle workflow; its output goes to ``log_dir/<bundle>_<workflow>.log``."""
+    log = log_dir / f"{bundle.name}_{workflow}.log"
+    print(f"[train_demo] {bundle.name} {workflow} (log: {log})", flush=True)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.run(_bundle_command(bundle, workflow, overrides), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"[train_demo] {bundle.name} {workflow} failed after {seconds:.0f} s; see {log}:\n" + log.read_text()[-3000:])
+    print(f"[train_demo] {bundle.name} {workflow}: {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def finalize(bundle: Path, record: dict) -> dict:
+    """Keep only the inference network in fp16 and the fingerprint in ``models/demo``."""
+    parser, _ = bundle_config(bundle, "demo")
+    ckpt = Path(parser.get_parsed_content("ckpt_dir"))
+    key = parser.get("inference_network")
+    state = load_weights(ckpt / "model.pt", key)
+    save_weights(ckpt / "model.pt", state, key=key, half=True)
+    for leftover in ckpt.iterdir():
+        if leftover.name not in ("model.pt", "fingerprint.json"):
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    data = (ckpt / "model.pt").read_bytes()
+    record = {
+        **record,
+        "what": "demo weights: trained on a synthetic cohort (scripts/train_demo.py), NOT for clinical use",
+        "storage": "fp16 state dict (cast to fp32 on load)",
+        "network": {**DEMO_NETWORK, "spatial_size": parser.get_parsed_content("spatial_size")},
+        "inference_network": key,
+        "model_bytes": len(data),
+        "model_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    (ckpt / "demo_weights.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(
+    work_dir: str = "data/demo",
+    seed: int = 0,
+    num_labelled: int = 24,
+    num_unlabelled: int = 8,
+    num_validation: int = 3,
+    size: int = 64,
+    fully_share: float = 0.3,
+    teacher_epochs: int = 30,
+    epochs: int = 25,
+    val_interval: int = 5,
+    bundles_dir: str | None = None,
+) -> None:
+    """Make the cohort, train the three stages with their bundles, write the demo weights.
+
+    Args:
+        work_dir: cohort, prepared datalists, pseudo labels and logs (not shipped).
+        seed: cohort seed (training seeds are the bundles' own ``seed``).
+        num_labelled, num_unlabelled, num_validation, size: cohort size (``CohortConfig``).
+        fully_share: share of fully organ labelled cases (the teacher's training set; FLARE23
+            has 10 %, more here so that a few minutes give the teacher enough cases).
+        teacher_epochs: epochs of the organ teacher.
+        epochs: epochs of each student (stage 1, organs, tumor).
+        val_interval: epochs between validations (the best model is kept).
+        bundles_dir: where the stage bundles are (default the repository's ``bundles/``).
+    """
+    from stmt_monai.cohort import CohortConfig, make_cohort
+    from stmt_monai.triage import triage_dataset
+
+    start = time.perf_counter()
+    work = Path(work_dir).resolve()
+    bundles = Path(bundles_dir).resolve() if bundles_dir else REPO / "bundles"
+    cohort, prepared, pseudo, logs = work / "cohort", work / "prepared", work / "pseudo_labels", work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    config = CohortConfig(num_labelled=num_labelled, num_unlabelled=num_unlabelled, num_validation=num_validation, num_test=0, size=size, fully_share=fully_share)
+    if not (cohort / "policy.json").exists():
+        make_cohort(cohort, config, seed=seed, progress=False)
+    triage_dataset(cohort, prepared, progress=False)
+    print(f"[train_demo] cohort and triage: {time.perf_counter() - start:.0f} s", flush=True)
+
+    roots = {stage: bundles / name for stage, name in STAGE_BUNDLES.items()}
+    for stage, root in roots.items():
+        write_demo_config(root, {**DEMO_NETWORK, "spatial_size": DEMO_SIZES[stage]})
+        # a fresh start: no resume from an earlier demo run
+        shutil.rmtree(root / "models" / "demo", ignore_errors=True)
+    common = {
+        "prepared_dir": prepared,
+        "pseudo_label_dir": pseudo,
+        "pseudo_datalist": pseudo / "datalist_pseudo_labelled.json",
+        "num_workers": 0,
+        "val_interval": val_interval,
+    }
+    # TensorBoard logs and evaluation outputs of the demo runs stay in work_dir
+    where = {stage: {"log_dir": logs / f"tensorboard_{stage}", "output_dir": work / f"eval_{stage}"} for stage in roots}
+    seconds = {}
+    organ = roots["organ"]
+    seconds["organ_teacher"] = _run(organ, "train_teacher", {**common, **where["organ"], **DEMO_TEACHER, "teacher_max_epochs": teacher_epochs, "teacher_val_interval": val_interval}, logs)
+    seconds["pseudo_label"] = _run(organ, "pseudo_label", {**common, **where["organ"], **DEMO_TEACHER, "progress": False}, logs)
+    seconds["abdomen"] = _run(roots["abdomen"], "train", {**common, **where["abdomen"], "max_epochs": epochs}, logs)
+    seconds["organ"] = _run(organ, "train", {**common, **where["organ"], "max_epochs": epochs}, logs)
+    seconds["tumor"] = _run(roots["tumor"], "train", {**where["tumor"], "prepared_dir": prepared, "roi_dir": pseudo, "num_workers": 0, "val_interval": val_interval, "max_epochs": epochs}, logs)
+    record = {
+        "cohort": {"seed": seed, "num_labelled": num_labelled, "num_unlabelled": num_unlabelled, "num_validation": num_validation, "size": size, "fully_share": fully_share},
+        "epochs": {"organ_teacher": teacher_epochs, "students": epochs},
+        "teacher": DEMO_TEACHER,
+        "train_seconds": {k: round(v) for k, v in seconds.items()},
+    }
+    total = 0
+    for stage, root in roots.items():
+        total += finalize(root, record)["model_bytes"]
+    print(f"[train_demo] done in {time.perf_counter() - start:.0f} s; demo weights {total / 2**20:.1f} MiB in bundles/*/models/demo/", flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

@@ -1,0 +1,80 @@
+"""``stmt-segment``: the StMt cascade on the command line (python-fire over :mod:`stmt_monai.inference`).
+
+    stmt-segment CT.nii.gz out/                     # one file
+    stmt-segment scans/ out/ --preview              # every case of a folder, with PNG previews
+    stmt-segment dicom_series/ out/ --device cuda   # one DICOM series folder
+
+Writes ``out/<case>.nii.gz`` (FLARE naming, the input's exact shape and affine),
+``out/<case>_report.json`` / ``.csv`` and, with ``--preview``, ``out/<case>_preview.png``.
+Exit status 0 when every case was written or skipped, 1 when some failed (each listed as
+``file: reason`` on stderr), 2 when the models could not be loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from stmt_monai.inference import BatchResult, Cascade, segment_folder
+
+
+def segment(
+    input: str,
+    output_dir: str,
+    device: str = "cpu",
+    overwrite: bool = False,
+    preview: bool = False,
+    bundles_dir: str | None = None,
+    threads: int | None = None,
+    backend: str = "torch",
+    weights: str = "auto",
+    progress: bool = True,
+) -> BatchResult:
+    """Segment a CT file, a folder of CTs or a DICOM series folder into FLARE label maps.
+
+    Args:
+        input: a ``.nii``/``.nii.gz``/``.mha``/``.nrrd`` file, a DICOM series folder, or a folder of
+            such files and DICOM series sub-folders.
+        output_dir: where ``<case>.nii.gz``, ``<case>_report.json``/``.csv`` (and
+            ``<case>_preview.png``) go; created if missing.
+        device: ``cpu`` or ``cuda``.
+        overwrite: redo cases whose mask already exists (default: skip them).
+        preview: write a PNG with axial, coronal and sagittal slices and the label overlay.
+        bundles_dir: folder of the three stage bundles (default: the repository's ``bundles/``).
+        threads: CPU threads for the networks (default: torch's).
+        backend: ``torch`` or ``openvino`` (CPU; needs ``pip install 'stmt-monai[openvino]'``).
+        weights: ``auto`` (trained weights if present, else the demo weights), ``trained``, ``demo``.
+        progress: show a progress bar.
+
+    Returns:
+        the :class:`~stmt_monai.inference.BatchResult` (failed cases with their reasons).
+    """
+    cascade = Cascade(bundles_dir, device=device, threads=threads, backend=backend, weights=weights)
+    result = segment_folder(cascade, input, output_dir, overwrite=overwrite, preview=preview, progress=progress)
+    print(
+        f"stmt-segment: {len(result.written)} written, {len(result.skipped)} skipped (exist; --overwrite to redo), "
+        f"{len(result.failed)} failed -> {os.path.abspath(output_dir)}",
+        file=sys.stderr,
+    )
+    for case, reason in result.failed:
+        print(f"{case}: {reason}", file=sys.stderr)
+    return result
+
+
+def segment_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``stmt-segment`` (``pyproject.toml``): exit 1 if any case failed."""
+    import fire
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = fire.Fire(segment, command=argv, serialize=lambda _: None)
+    except (FileNotFoundError, RuntimeError, ValueError, ImportError) as err:
+        print(f"stmt-segment: {err}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(result, BatchResult):
+        sys.exit(0 if result.ok else 1)
+
+
+if __name__ == "__main__":
+    segment_main()

@@ -1,0 +1,165 @@
+"""Ignite handlers of StMt bundles: atomic checkpoints, resume, best model.
+
+MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a kill during a save can
+leave a truncated file that the next run fails to load. These handlers write to a temporary
+name and rename, save on rank 0 only under torch.distributed, and resume from the last
+checkpoint through MONAI's ``CheckpointLoader``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader
+
+from stmt_monai.io import atomic_path
+
+logger = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    """True outside torch.distributed and on rank 0 inside it."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _state_dict(obj):
+    if isinstance(obj, torch.nn.parallel.DistributedDataParallel):
+        obj = obj.module
+    return obj.state_dict() if hasattr(obj, "state_dict") else obj
+
+
+def save_checkpoint(path: str | os.PathLike, save_dict: Mapping) -> Path | None:
+    """``torch.save`` of ``{name: obj.state_dict()}`` atomically, on the main process only."""
+    if not is_main_process():
+        return None
+    tmp, final = atomic_path(path)
+    try:
+        torch.save({name: _state_dict(obj) for name, obj in save_dict.items()}, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+class ResumableCheckpoint:
+    """Save the whole training state every ``save_interval`` epochs; resume from it at start.
+
+    Attach to the trainer. ``save_dict`` holds what to save and restore (network, optimizer,
+    lr scheduler, the trainer itself so the epoch count resumes, an EMA teacher...).
+
+    Args:
+        save_dir: folder of ``filename``.
+        save_dict: ``{name: object with state_dict()}``.
+        filename: checkpoint file name (``checkpoint_last.pt``).
+        save_interval: epochs between saves.
+        resume: load ``save_dir/filename`` at ``Events.STARTED`` if it exists.
+        map_location: as ``torch.load`` (e.g. ``"cpu"``).
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        save_dict: Mapping,
+        filename: str = "checkpoint_last.pt",
+        save_interval: int = 1,
+        resume: bool = True,
+        map_location=None,
+    ):
+        self.path = Path(save_dir) / filename
+        self.save_dict = dict(save_dict)
+        self.save_interval = int(save_interval)
+        self.resume = bool(resume)
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def load(self, engine: Engine) -> None:
+        if not self.path.exists():
+            return
+        CheckpointLoader(str(self.path), self.save_dict, map_location=self.map_location, strict=True)(engine)
+        logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+    def save(self, engine: Engine) -> None:
+        save_checkpoint(self.path, self.save_dict)
+
+
+class BestCheckpoint:
+    """Save ``save_dict`` when the validator's key metric improves (``models/model.pt``).
+
+    Attach to the evaluator. A single object is saved as its bare state dict (the MONAI
+    model-zoo convention for ``model.pt``); several as ``{name: state_dict}``.
+
+    Args:
+        save_path: output file.
+        save_dict: ``{name: module}``.
+        metric_name: key of ``engine.state.metrics``; default the evaluator's key metric.
+
+    Its ``state_dict`` holds the best value, so it can be resumed with the rest of the training.
+    """
+
+    def __init__(self, save_path: str | os.PathLike, save_dict: Mapping, metric_name: str | None = None):
+        self.save_path = Path(save_path)
+        self.save_dict = dict(save_dict)
+        self.metric_name = metric_name
+        self.best = -float("inf")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def state_dict(self) -> dict:
+        """The best value so far: put this handler in the trainer's :class:`ResumableCheckpoint`
+        so that a resumed run does not overwrite ``model.pt`` with a worse model."""
+        return {"best": self.best}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.best = float(state["best"])
+
+    def __call__(self, engine: Engine) -> None:
+        name = self.metric_name or getattr(engine.state, "key_metric_name", None) or next(iter(engine.state.metrics))
+        value = float(engine.state.metrics[name])
+        if value > self.best:
+            self.best = value
+            if len(self.save_dict) == 1 and is_main_process():
+                tmp, final = atomic_path(self.save_path)
+                try:
+                    torch.save(_state_dict(next(iter(self.save_dict.values()))), tmp)
+                    os.replace(tmp, final)
+                finally:
+                    tmp.unlink(missing_ok=True)
+            else:
+                save_checkpoint(self.save_path, self.save_dict)
+            logger.info(f"{name} improved to {value:.4f}: saved {self.save_path}")
+
+
+def image_path_meta(batch: Sequence[Mapping]) -> list[dict]:
+    """``MetricsSaver(batch_transform=...)``: each decollated item's input path as its file name.
+
+    :class:`stmt_monai.transforms.LoadStageInputd` keeps the input path under ``image_path``
+    (its tensors carry no MONAI meta data), which is what ``MetricsSaver`` names cases by.
+    """
+    return [{"filename_or_obj": item["image_path"]} for item in batch]
+
+
+def loss_terms(output: Sequence[Mapping] | Mapping) -> dict[str, float]:
+    """``StatsHandler`` / ``TensorBoardStatsHandler`` ``output_transform``: the iteration's loss and
+    its per-stream terms.
+
+    Args:
+        output: the trainer's (decollated) iteration output; :class:`stmt_monai.engines.SelfTrainingTrainer`
+            puts the unweighted terms there as ``loss_labelled``, ``loss_cpl``, ``loss_pl``.
+
+    Returns:
+        ``{"loss": total, "loss_<stream>": term, ...}`` as floats (each logged as its own scalar).
+    """
+    first = output[0] if isinstance(output, Sequence) else output
+    return {key: float(value) for key, value in first.items() if key == "loss" or key.startswith("loss_")}

@@ -1,0 +1,294 @@
+"""bundles/coarse_abdomen: the docs/README.md commands on a tiny generated cohort.
+
+Train, evaluate and inference run as subprocesses exactly as the bundle's README writes them,
+with size overrides (32^3, 3 down-samplings, 4 base channels). One training run serves every
+training check: it is killed after its first checkpoint and rerun, which must resume, lower the
+loss and leave the best model, the resume checkpoint, the fingerprint and TensorBoard logs. The
+metadata checks run in-process (the functions behind ``python -m monai.bundle verify_*``).
+"""
+
+import json
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
+
+from stmt_monai.io import load_label, save_label_map
+from stmt_monai.labels import ABDOMEN_CHANNELS, TUMOR
+from stmt_monai.pseudo_label import keep_annotated_tumor
+from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "coarse_abdomen"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = REPO / "stmt_monai" / "resources" / "meta_schema_20240725.json"
+#: what a CPU test can afford: 32^3 needs 3 down-samplings (5 would leave one voxel)
+TINY = {"spatial_size": "[32,32,32]", "num_downsamplings": "3", "base_channels": "4", "num_workers": "0"}
+
+#: epochs of the tests' training run
+EPOCHS = 4
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------------------- README commands
+def readme_commands() -> dict[str, list[str]]:
+    """The ``python -m monai.bundle`` commands of docs/README.md by kind, as argument lists."""
+    text = (BUNDLE / "docs" / "README.md").read_text()
+    commands = {}
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            args = shlex.split(command)
+            if args[:3] != ["python", "-m", "monai.bundle"]:
+                continue
+            kind = args[3]
+            if kind == "run":
+                configs = args[args.index("--config_file") + 1]
+                kind = next(k for k in ("evaluate", "inference", "train") if f"{k}.json" in configs)
+            commands[kind] = args
+    return commands
+
+
+def with_overrides(args: list[str], **overrides: str) -> list[str]:
+    """``args`` with each ``--key value`` replaced (or appended); ``python`` -> this interpreter."""
+    args = [sys.executable if a == "python" else a for a in args]
+    for key, value in overrides.items():
+        flag = f"--{key}"
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args
+
+
+def run_readme(kind: str, **overrides: str) -> str:
+    """Run the README's ``kind`` command from the repository root; its output (stdout + stderr)."""
+    proc = subprocess.run(
+        with_overrides(readme_commands()[kind], **overrides), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+# ----------------------------------------------------------------------------- tiny data
+def oracle_pseudo_labels(root: Path, prepared: Path, out: Path, max_cpl: int = 3, max_pl: int = 2) -> Path:
+    """A pseudo-label datalist as the organ teacher writes it, with the hidden truth as teacher.
+
+    Same format and correction as ``stmt_monai.pseudo_label.generate_pseudo_labels``: the organ
+    prediction (truth without tumor) corrected with the partial annotation, annotated tumor kept
+    (stream ``cpl``), or plain (``pl``); at
+    most ``max_cpl`` and ``max_pl`` cases, to keep the tests short.
+    """
+    jobs = json.loads((prepared / "datalist_pseudo_label_jobs.json").read_text())["training"]
+    records, left = [], {"cpl": max_cpl, "pl": max_pl}
+    for job in jobs:
+        truth, affine = load_label(root / "truth" / f"{job['name']}.nii.gz")
+        pseudo, classes = np.where(truth == TUMOR, 0, truth).astype(np.uint8), ()
+        if job.get("label"):
+            annotation, _ = load_label(prepared / job["label"])
+            classes = annotated_organ_classes(annotation)
+            pseudo = keep_annotated_tumor(correct_pseudo_label(pseudo, annotation, classes), annotation)
+        stream = "cpl" if classes else "pl"
+        if not left[stream]:
+            continue
+        left[stream] -= 1
+        save_label_map(out / f"{job['name']}.nii.gz", pseudo, affine)
+        records.append(
+            {
+                "image": str((prepared / job["image"]).resolve()),
+                "label": f"{job['name']}.nii.gz",
+                "name": job["name"],
+                "stream": stream,
+                "annotated_classes": list(classes),
+                "quality": 1.0,
+            }
+        )
+    path = out / "datalist_pseudo_labelled.json"
+    path.write_text(json.dumps({"training": records}, indent=1))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cohort(tiny_cohort, tmp_path_factory):
+    """The shared tiny cohort (tests/conftest.py) and a pseudo-label datalist for it."""
+    pseudo = tmp_path_factory.mktemp("coarse_abdomen_pseudo_labels")
+    return {
+        "root": tiny_cohort.root,
+        "prepared": tiny_cohort.prepared,
+        "pseudo_datalist": oracle_pseudo_labels(tiny_cohort.root, tiny_cohort.prepared, pseudo),
+    }
+
+
+def data_overrides(cohort) -> dict[str, str]:
+    return {"prepared_dir": str(cohort["prepared"]), "pseudo_datalist": str(cohort["pseudo_datalist"])}
+
+
+@pytest.fixture(scope="module")
+def trained(cohort, tmp_path_factory):
+    """One training run of the README train command (tiny size, 4 epochs), interrupted: killed
+    (SIGKILL) once its first checkpoint is written, then the same command run again to the end.
+
+    Returns the bundle root, the epochs the killed run had completed, and both runs' logs.
+    """
+    bundle_root = tmp_path_factory.mktemp("coarse_abdomen_bundle")
+    overrides = dict(bundle_root=str(bundle_root), max_epochs=str(EPOCHS), val_interval="1", **TINY, **data_overrides(cohort))
+    checkpoint = bundle_root / "models" / "checkpoint_last.pt"
+    killed_log = bundle_root / "killed_run.log"
+    with open(killed_log, "w") as log:
+        proc = subprocess.Popen(with_overrides(readme_commands()["train"], **overrides), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.kill()
+        finally:
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed: " + killed_log.read_text()[-2000:]
+    killed_at = epoch_of(torch.load(checkpoint, map_location="cpu", weights_only=False))
+    return {
+        "bundle_root": bundle_root,
+        "checkpoint": checkpoint,
+        "killed_at": killed_at,
+        "killed_log": killed_log.read_text(),
+        "log": run_readme("train", **overrides),
+    }
+
+
+def epoch_of(checkpoint: dict) -> int:
+    """Epochs done, from an ignite trainer state dict (it stores iterations, not epochs)."""
+    return checkpoint["trainer"]["iteration"] // checkpoint["trainer"]["epoch_length"]
+
+
+# ----------------------------------------------------------------------------- tests
+def test_readme_has_every_command():
+    assert set(readme_commands()) == {"train", "evaluate", "inference", "verify_metadata", "verify_net_in_out"}
+
+
+def test_metadata_verifies_offline_and_matches_labels_and_config():
+    args = readme_commands()["verify_metadata"]
+    assert args[args.index("--filepath") + 1] == str(SCHEMA.relative_to(REPO))
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    common = json.loads((CONFIGS / "common.json").read_text())
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert {int(k): v for k, v in pred["channel_def"].items()} == dict(ABDOMEN_CHANNELS)
+    assert pred["num_channels"] == common["out_channels"] == len(ABDOMEN_CHANNELS)
+    assert image["num_channels"] == common["in_channels"] == 1
+    assert image["spatial_shape"] == pred["spatial_shape"] == common["spatial_size"] == [128, 128, 128]
+    assert meta["version"] in meta["changelog"]
+
+
+def test_verify_net_in_out():
+    # the declared 128^3 takes ~10 s on a CPU; the network is fully convolutional, so 64^3 checks
+    # the same channels and dtype (spatial_shape equality with the config is checked above)
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "common.json"),
+        device="cpu",
+        **{"_meta_#network_data_format#inputs#image#spatial_shape": [64, 64, 64]},
+    )
+
+
+def test_train_writes_best_model_checkpoint_fingerprint_and_tensorboard(trained, cohort):
+    models = trained["bundle_root"] / "models"
+    assert (models / "model.pt").is_file()
+    checkpoint = torch.load(models / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "trainer", "best_checkpoint"}
+    assert epoch_of(checkpoint) == EPOCHS
+    assert 0.0 <= checkpoint["best_checkpoint"]["best"] <= 1.0
+    # the fingerprint travels with the model, so inference normalises exactly as training did
+    assert json.loads((models / "fingerprint.json").read_text()) == json.loads(
+        (cohort["prepared"] / "fingerprint.json").read_text()
+    )
+    assert list((trained["bundle_root"] / "logs").glob("events.out.tfevents.*"))
+    assert "val_mean_dice" in trained["log"] and f"Epoch: {EPOCHS}/{EPOCHS}" in trained["log"]
+
+
+def test_train_killed_then_rerun_resumes_from_its_checkpoint(trained):
+    """The rerun of the killed training continues from the checkpoint's epoch, not from epoch 1."""
+    done = trained["killed_at"]
+    assert 1 <= done < EPOCHS
+    assert f"resumed from {trained['checkpoint']} at epoch {done}" in trained["log"]
+    assert f"Epoch: {done + 1}/{EPOCHS}" in trained["log"] and f"Epoch: 1/{EPOCHS}" not in trained["log"]
+
+
+def test_train_datalist_streams_and_running_without_pseudo_labels(cohort, tmp_path):
+    """The student's list: labelled + the pseudo-label job's cases; ``--pseudo_datalist "[]"`` (the
+    README's way to train without pseudo labels) leaves the labelled stream only."""
+
+    def datalist(**overrides):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "train.json")])
+        parser.update({"bundle_root": str(tmp_path), "prepared_dir": str(cohort["prepared"]), **overrides})
+        return parser.get_parsed_content("train#datalist")
+
+    fully = json.loads((cohort["prepared"] / "datalist_fully_labelled.json").read_text())["training"]
+    pseudo = json.loads(cohort["pseudo_datalist"].read_text())["training"]
+    streams = [item["stream"] for item in datalist(pseudo_datalist=str(cohort["pseudo_datalist"]))]
+    assert streams == ["labelled"] * len(fully) + [item["stream"] for item in pseudo]
+    assert {"cpl", "pl"} <= set(streams)
+    assert [item["stream"] for item in datalist(pseudo_datalist=[])] == ["labelled"] * len(fully)
+
+
+def epoch_losses(log: str, epoch: int) -> list[float]:
+    """The iteration losses of ``epoch`` that the StatsHandler logged."""
+    return [float(v) for v in re.findall(rf"Epoch: {epoch}/{EPOCHS}, Iter: \d+/\d+ -- loss: ([\d.]+)", log)]
+
+
+def test_loss_decreases(trained):
+    """Mean loss of the last epoch well below the first's (each epoch mixes the streams alike)."""
+    first, last = epoch_losses(trained["killed_log"], 1), epoch_losses(trained["log"], EPOCHS)
+    assert first and last
+    assert np.mean(last) < 0.8 * np.mean(first), (first, last)
+
+
+def test_evaluate_scores_model_at_input_resolution(trained, cohort):
+    out = trained["bundle_root"] / "eval"
+    run_readme("evaluate", bundle_root=str(trained["bundle_root"]), **TINY, prepared_dir=str(cohort["prepared"]))
+    dice = float((out / "metrics.csv").read_text().split(",")[1])
+    assert 0.0 <= dice <= 1.0
+    rows = (out / "val_mean_dice_raw.csv").read_text().strip().splitlines()[1:]
+    validation = json.loads((cohort["prepared"] / "datalist_validation.json").read_text())["validation"]
+    assert len(rows) == len(validation)
+    for item in validation:
+        label = nib.load(cohort["prepared"] / item["label"])
+        pred = nib.load(out / "predictions" / f"{item['name']}.nii.gz")
+        assert pred.shape == label.shape and np.allclose(pred.affine, label.affine, atol=1e-4)
+
+
+def test_inference_writes_mask_and_roi_at_input_geometry(trained, cohort, real_ct, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    shutil.copy(real_ct, inputs / "real_0000.nii.gz")
+    for image in sorted((cohort["root"] / "test" / "images").iterdir()):
+        shutil.copy(image, inputs / image.name)
+    out = tmp_path / "outputs"
+    run_readme("inference", bundle_root=str(trained["bundle_root"]), input_dir=str(inputs), output_dir=str(out), **TINY)
+    for image_path in sorted(inputs.iterdir()):
+        name = image_path.name[: -len("_0000.nii.gz")]
+        image = nib.load(image_path)
+        mask = nib.load(out / f"{name}.nii.gz")
+        assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1}
+        roi = json.loads((out / f"{name}_roi.json").read_text())
+        assert roi["case"] == name and roi["margin_mm"] == 10.0
+        start, end, shape = (np.asarray(roi[k]) for k in ("start_voxel", "end_voxel", "canonical_shape"))
+        assert np.all(0 <= start) and np.all(start < end) and np.all(end <= shape)
+        assert roi["found"] or (np.all(start == 0) and np.all(end == shape))
+        # world corners: the box's outer voxel faces (RAS image: canonical == file order)
+        affine = nib.as_closest_canonical(image).affine
+        assert np.allclose(roi["start_mm"], affine[:3, :3] @ (start - 0.5) + affine[:3, 3], atol=1e-3)
+        assert np.allclose(roi["end_mm"], affine[:3, :3] @ (end - 0.5) + affine[:3, 3], atol=1e-3)

@@ -1,0 +1,260 @@
+"""bundles/organ_selftrain: every docs/README.md command on a tiny generated cohort.
+
+The five workflows (train_teacher -> pseudo_label -> train -> evaluate, inference) run as
+subprocesses exactly as the bundle's README writes them, with size overrides (a 4-channel
+teacher on 32^3 patches at 12 mm, a 4-channel student at 32^3); the metadata checks run
+in-process (the functions behind ``python -m monai.bundle verify_*``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import verify_metadata, verify_net_in_out
+
+from stmt_monai.io import load_label, save_label_map
+from stmt_monai.labels import ORGAN_CHANNELS, TUMOR
+from stmt_monai.networks import teacher_roi_size
+from stmt_monai.pseudo_label import PSEUDO_DATALIST, RAW_DIR, keep_annotated_tumor
+from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundles" / "organ_selftrain"
+CONFIGS = BUNDLE / "configs"
+SCHEMA = REPO / "stmt_monai" / "resources" / "meta_schema_20240725.json"
+WORKFLOWS = ("train_teacher", "pseudo_label", "train", "evaluate", "inference")
+#: what a CPU test affords: a 4-channel Res-UNet teacher on 32^3 windows of a 12 mm grid
+TINY_TEACHER = {
+    "teacher_kind": "res_unet_large",
+    "teacher_roi_size": "[32,32,32]",
+    "teacher_base_channels": "4",
+    "teacher_num_downsamplings": "2",
+    "teacher_spacing_mm": "[12,12,12]",
+    "num_workers": "0",
+}
+#: and a 4-channel student at 32^3 (3 down-samplings: 5 would leave one voxel)
+TINY_STUDENT = {"spatial_size": "[32,32,32]", "num_downsamplings": "3", "base_channels": "4", "num_workers": "0"}
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------------------- README commands
+def readme_commands() -> dict[str, list[str]]:
+    """The ``python -m monai.bundle`` commands of docs/README.md by workflow, as argument lists."""
+    text = (BUNDLE / "docs" / "README.md").read_text()
+    commands = {}
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            args = shlex.split(command)
+            if args[:3] != ["python", "-m", "monai.bundle"]:
+                continue
+            kind = args[3]
+            if kind == "run":
+                configs = args[args.index("--config_file") + 1]
+                kind = next(k for k in ("train_teacher", "pseudo_label", "evaluate", "inference", "train") if f"/{k}.json" in configs)
+            elif kind == "verify_net_in_out":
+                kind = f"{kind} {args[4]}"
+            commands[kind] = args
+    return commands
+
+
+def run_readme(kind: str, **overrides: str) -> str:
+    """Run the README's ``kind`` command from the repository root (each ``--key value`` of
+    ``overrides`` replaced or appended); its output, stdout and stderr."""
+    args = [sys.executable if a == "python" else a for a in readme_commands()[kind]]
+    for key, value in overrides.items():
+        if f"--{key}" in args:
+            args[args.index(f"--{key}") + 1] = value
+        else:
+            args += [f"--{key}", value]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+# ----------------------------------------------------------------------------- the pipeline
+@pytest.fixture(scope="module")
+def cohort(request, tmp_path_factory):
+    """A tiny generated cohort and its prepared datalists (the shared ``tiny_cohort`` if there is one)."""
+    try:
+        tiny = request.getfixturevalue("tiny_cohort")
+        return Path(tiny.root), Path(tiny.prepared)
+    except pytest.FixtureLookupError:
+        pass
+    from stmt_monai.cohort import CohortConfig, make_cohort
+    from stmt_monai.triage import triage_dataset
+
+    root = tmp_path_factory.mktemp("organ_selftrain_cohort")
+    config = CohortConfig(num_labelled=6, num_unlabelled=2, num_validation=1, num_test=0, size=32, fully_share=0.34)
+    make_cohort(root, config, seed=0, progress=False)
+    triage_dataset(root, root / "prepared", progress=False)
+    return root, root / "prepared"
+
+
+@pytest.fixture(scope="module")
+def pipeline(cohort, tmp_path_factory):
+    """Steps 1-3 of the README: teacher (2 epochs), pseudo labels (with the raw predictions),
+    student (2 epochs, lambda2 = 0.25 to see the weights act), in a temporary bundle root."""
+    root, prepared = cohort
+    bundle_root = tmp_path_factory.mktemp("organ_selftrain_bundle")
+    pseudo_dir = tmp_path_factory.mktemp("pseudo_labels")
+    data = {"bundle_root": str(bundle_root), "prepared_dir": str(prepared)}
+    logs = {
+        "train_teacher": run_readme(
+            "train_teacher", teacher_max_epochs="2", teacher_val_interval="1", **TINY_TEACHER, **data
+        ),
+        "pseudo_label": run_readme(
+            "pseudo_label", pseudo_label_dir=str(pseudo_dir), keep_raw="True", progress="False", **TINY_TEACHER, **data
+        ),
+        "train": run_readme(
+            "train", pseudo_label_dir=str(pseudo_dir), max_epochs="2", val_interval="1", lambda2="0.25", **TINY_STUDENT, **data
+        ),
+    }
+    return {"bundle_root": bundle_root, "pseudo_dir": pseudo_dir, "logs": logs}
+
+
+# ----------------------------------------------------------------------------- metadata
+def test_readme_has_every_command():
+    assert set(readme_commands()) == {
+        *WORKFLOWS, "verify_metadata", "verify_net_in_out network_def", "verify_net_in_out teacher_def"
+    }
+
+
+def test_metadata_verifies_offline_and_matches_labels_and_config():
+    args = readme_commands()["verify_metadata"]
+    assert args[args.index("--filepath") + 1] == str(SCHEMA.relative_to(REPO))
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    common = json.loads((CONFIGS / "common.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    for name, size in (("network_data_format", common["spatial_size"]), ("teacher_data_format", list(teacher_roi_size(common["teacher_kind"])))):
+        image, pred = meta[name]["inputs"]["image"], meta[name]["outputs"]["pred"]
+        assert {int(k): v for k, v in pred["channel_def"].items()} == dict(ORGAN_CHANNELS)
+        assert pred["num_channels"] == common["out_channels"] == len(ORGAN_CHANNELS) == 14
+        assert image["num_channels"] == common["in_channels"] == 1
+        assert image["spatial_shape"] == pred["spatial_shape"] == size
+    assert common["spatial_size"] == [192, 192, 192] and common["base_channels"] == 16 and common["num_downsamplings"] == 5
+    assert (common["batch_size"], common["lambda1"], common["lambda2"]) == (3, 1.0, 0.5)
+
+
+def test_verify_net_in_out():
+    # the declared sizes take long on a CPU; both networks are fully convolutional, so 64^3 at a
+    # small width checks the same channels and dtype
+    for net_id, extra in (("network_def", {"base_channels": 4}), ("teacher_def", {"teacher_feature_size": 12})):
+        verify_net_in_out(
+            net_id=net_id,
+            meta_file=str(CONFIGS / "metadata.json"),
+            config_file=str(CONFIGS / "common.json"),
+            device="cpu",
+            **{"_meta_#network_data_format#inputs#image#spatial_shape": [64, 64, 64]},
+            **extra,
+        )
+
+
+# ----------------------------------------------------------------------------- workflows
+def test_train_teacher_writes_best_teacher_and_resumable_checkpoint(pipeline, cohort):
+    models = pipeline["bundle_root"] / "models"
+    assert (models / "teacher.pt").is_file()
+    checkpoint = torch.load(models / "teacher_checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "trainer", "best_checkpoint"}
+    assert checkpoint["trainer"]["iteration"] == 2 * checkpoint["trainer"]["epoch_length"]  # 2 epochs done
+    assert json.loads((models / "fingerprint.json").read_text()) == json.loads((cohort[1] / "fingerprint.json").read_text())
+    log = pipeline["logs"]["train_teacher"]
+    assert "teacher_val_mean_dice" in log and "Epoch: 2/2" in log
+    assert list((pipeline["bundle_root"] / "logs" / "teacher").glob("events.out.tfevents.*"))
+
+
+def test_pseudo_label_writes_cpl_and_pl_beside_a_datalist(pipeline, cohort):
+    root, prepared = cohort
+    jobs = json.loads((prepared / "datalist_pseudo_label_jobs.json").read_text())["training"]
+    datalist = json.loads((pipeline["pseudo_dir"] / PSEUDO_DATALIST).read_text())
+    records = {r["name"]: r for r in datalist["training"]}
+    assert set(records) == {j["name"] for j in jobs} and datalist["failed"] == []
+    for job in jobs:
+        record = records[job["name"]]
+        image = nib.load(prepared / job["image"])
+        pseudo_image = nib.load(pipeline["pseudo_dir"] / record["label"])
+        assert pseudo_image.shape == image.shape and np.allclose(pseudo_image.affine, image.affine, atol=1e-5)
+        raw, _ = load_label(pipeline["pseudo_dir"] / RAW_DIR / record["label"])
+        pseudo = np.asarray(pseudo_image.dataobj)
+        assert TUMOR not in raw  # the teacher predicts organs only
+        if job["kind"] == "partial":
+            annotation, _ = load_label(prepared / job["label"])
+            assert record["stream"] == "cpl" and record["annotated_classes"] == list(annotated_organ_classes(annotation))
+            assert np.array_equal(pseudo, keep_annotated_tumor(correct_pseudo_label(raw, annotation), annotation))
+        else:
+            assert record["stream"] == "pl" and np.array_equal(pseudo, raw)
+    assert "already done" in pipeline["logs"]["pseudo_label"]
+
+
+def test_train_student_logs_weighted_terms_and_saves_model(pipeline):
+    models = pipeline["bundle_root"] / "models"
+    assert (models / "model.pt").is_file()
+    checkpoint = torch.load(models / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer"]["iteration"] == 2 * checkpoint["trainer"]["epoch_length"]
+    assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "trainer", "best_checkpoint"}
+    log = pipeline["logs"]["train"]
+    assert "val_mean_dice" in log and "Epoch: 2/2" in log
+    # every iteration logs L_o and its terms: L_o = L_ol + lambda1 L_cpl + lambda2 L_pl (lambda2 = 0.25 here)
+    rows = re.findall(r"loss: ([\d.]+) loss_cpl: ([\d.]+) loss_labelled: ([\d.]+) loss_pl: ([\d.]+)", log)
+    assert len(rows) >= 2
+    for total, cpl, labelled, pl in (map(float, row) for row in rows):
+        assert total == pytest.approx(labelled + 1.0 * cpl + 0.25 * pl, abs=3e-4)
+
+
+def test_evaluate_scores_the_student_at_input_resolution(pipeline, cohort):
+    bundle_root = pipeline["bundle_root"]
+    run_readme("evaluate", bundle_root=str(bundle_root), prepared_dir=str(cohort[1]), **TINY_STUDENT)
+    out = bundle_root / "eval"
+    assert 0.0 <= float((out / "metrics.csv").read_text().split(",")[1]) <= 1.0
+    header, *rows = (out / "val_mean_dice_raw.csv").read_text().strip().splitlines()
+    assert header.split(",")[1:] == [f"class{i}" for i in range(13)] + ["mean"]  # organs 1..13
+    validation = json.loads((cohort[1] / "datalist_validation.json").read_text())["validation"]
+    assert len(rows) == len(validation)
+    for item in validation:
+        label = nib.load(cohort[1] / item["label"])
+        pred = nib.load(out / "predictions" / f"{item['name']}.nii.gz")
+        assert pred.shape == label.shape and np.allclose(pred.affine, label.affine, atol=1e-4)
+
+
+def test_inference_roi_in_organ_map_out_at_input_geometry(pipeline, cohort, real_ct, tmp_path):
+    root, prepared = cohort
+    inputs, rois, out = tmp_path / "inputs", tmp_path / "rois", tmp_path / "out"
+    inputs.mkdir()
+    validation = json.loads((prepared / "datalist_validation.json").read_text())["validation"]
+    image_path = prepared / validation[0]["image"]
+    shutil.copy(image_path, inputs / image_path.name)
+    shutil.copy(real_ct, inputs / "real_0000.nii.gz")  # no stage-1 mask: the whole image
+    image = nib.load(image_path)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[8:20, 6:18, 4:14] = 1  # a stage-1 mask: its box + 10 mm is the region of interest
+    save_label_map(rois / f"{validation[0]['name']}.nii.gz", mask, image.affine)
+    run_readme(
+        "inference", bundle_root=str(pipeline["bundle_root"]), input_dir=str(inputs), output_dir=str(out),
+        roi_dir=str(rois), **TINY_STUDENT,
+    )
+    for path in sorted(inputs.iterdir()):
+        name = path.name[: -len("_0000.nii.gz")]
+        source, pred = nib.load(path), nib.load(out / f"{name}.nii.gz")
+        assert pred.shape == source.shape and np.allclose(pred.affine, source.affine, atol=1e-4)
+        labels = np.asarray(pred.dataobj)
+        assert labels.dtype == np.uint8 and set(np.unique(labels).tolist()) <= set(range(14))
+    labels = np.asarray(nib.load(out / f"{validation[0]['name']}.nii.gz").dataobj)
+    spacing = np.sqrt((image.affine[:3, :3] ** 2).sum(0))  # RAS cohort image: file order == canonical
+    margin = np.ceil(10.0 / spacing).astype(int)
+    box = np.zeros_like(mask, bool)
+    lo, hi = np.maximum(np.array([8, 6, 4]) - margin, 0), np.array([20, 18, 14]) + margin
+    box[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] = True
+    assert not labels[~box].any()  # nothing outside the region of interest

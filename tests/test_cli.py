@@ -1,0 +1,87 @@
+"""stmt-segment (stmt_monai.cli): batches, failures, skipping, outputs and reports."""
+
+import json
+import os
+import tomllib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from cascade_helpers import REPO, random_bundles
+
+from stmt_monai.cli import segment, segment_main
+from stmt_monai.io import load_image, save_nifti
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    return random_bundles(tmp_path_factory.mktemp("bundles"))
+
+
+@pytest.fixture()
+def mixed_folder(tmp_path, real_ct):
+    """One good CT, one corrupt file, one 2D image."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "good_0000.nii.gz").write_bytes(real_ct.read_bytes())
+    (folder / "corrupt.nii.gz").write_bytes(b"\x1f\x8b\x08 this is not a NIfTI file" * 10)
+    save_nifti(folder / "flat.nii.gz", np.zeros((64, 64, 1), np.int16), np.eye(4))
+    return folder
+
+
+def test_folder_with_bad_cases_goes_on_and_exits_1(bundles, mixed_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        segment_main([str(mixed_folder), str(out), "--bundles_dir", str(bundles), "--progress", "False"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "1 written, 0 skipped" in err and "2 failed" in err
+    lines = {Path(line.split(": ", 1)[0]).name: line for line in err.splitlines() if ": " in line and "in/" in line}
+    assert "not a readable NIfTI image" in lines["corrupt.nii.gz"]
+    assert "expected a 3D volume, got an array of shape (64, 64, 1)" in lines["flat.nii.gz"]
+    # the good case: FLARE name, input geometry, report and no leftovers of atomic writes
+    assert sorted(p.name for p in out.iterdir()) == ["good.nii.gz", "good_report.csv", "good_report.json"]
+    image, affine = load_image(mixed_folder / "good_0000.nii.gz")
+    mask = nib.load(out / "good.nii.gz")
+    assert mask.shape == image.shape and np.allclose(mask.affine, affine)
+    assert mask.get_data_dtype() == np.uint8
+
+
+def test_report_volumes_match_the_written_mask(bundles, real_dicom, tmp_path):
+    result = segment(str(real_dicom), str(tmp_path), bundles_dir=str(bundles), preview=True, progress=False)
+    assert result.ok and len(result.written) == 1
+    mask = nib.load(tmp_path / "abdomen_ct_dicom.nii.gz")
+    labels = np.asarray(mask.dataobj)
+    voxel_ml = abs(np.linalg.det(mask.affine[:3, :3])) / 1000
+    report = json.loads((tmp_path / "abdomen_ct_dicom_report.json").read_text())
+    for organ in report["organs"]:
+        assert organ["voxels"] == int((labels == organ["label"]).sum())
+        assert organ["volume_ml"] == pytest.approx(organ["voxels"] * voxel_ml, rel=1e-9)
+    assert report["tumors"]["total_volume_ml"] == pytest.approx((labels == 14).sum() * voxel_ml)
+    assert report["cascade"]["roi"]["found"] in (True, False)
+    png = tmp_path / "abdomen_ct_dicom_preview.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_existing_output_is_skipped_unless_overwrite(bundles, real_ct, tmp_path):
+    first = segment(str(real_ct), str(tmp_path), bundles_dir=str(bundles), progress=False)
+    mask = tmp_path / "abdomen_ct_3mm.nii.gz"
+    assert first.written and mask.exists()
+    os.utime(mask, (0, 0))
+    again = segment(str(real_ct), str(tmp_path), bundles_dir=str(bundles), progress=False)
+    assert again.skipped == [str(real_ct)] and mask.stat().st_mtime == 0
+    redo = segment(str(real_ct), str(tmp_path), bundles_dir=str(bundles), overwrite=True, progress=False)
+    assert redo.written == [str(real_ct)] and mask.stat().st_mtime > 0
+
+
+def test_missing_weights_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        segment_main(["x.nii.gz", str(tmp_path), "--bundles_dir", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
+    assert "not a stage bundle" in capsys.readouterr().err
+
+
+def test_entry_point_is_declared():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["stmt-segment"] == "stmt_monai.cli:segment_main"

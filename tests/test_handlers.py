@@ -1,0 +1,38 @@
+"""stmt_monai.handlers: the best-model checkpoint keeps its best score across a resume."""
+
+import torch
+from ignite.engine import Engine
+from monai.handlers import CheckpointLoader
+
+from stmt_monai.handlers import BestCheckpoint, ResumableCheckpoint, image_path_meta
+
+
+def _validator(score: float) -> Engine:
+    engine = Engine(lambda engine, batch: None)
+    engine.state.metrics = {"other": 0.0, "val_mean_dice": score}
+    engine.state.key_metric_name = "val_mean_dice"
+    return engine
+
+
+def test_best_checkpoint_uses_key_metric_and_resumes_its_best(tmp_path):
+    network = torch.nn.Linear(2, 1)
+    best = BestCheckpoint(tmp_path / "model.pt", {"model": network})
+    best(_validator(0.8))  # the key metric, not the first one in state.metrics
+    assert best.best == 0.8 and (tmp_path / "model.pt").is_file()
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    trainer = Engine(lambda engine, batch: None)
+    ResumableCheckpoint(tmp_path, {"network": network, "best_checkpoint": best}).save(trainer)
+
+    # a new run: a fresh handler restored from the training checkpoint does not overwrite model.pt
+    # with a worse model
+    restarted = BestCheckpoint(tmp_path / "model.pt", {"model": torch.nn.Linear(2, 1)})
+    CheckpointLoader(str(tmp_path / "checkpoint_last.pt"), {"network": network, "best_checkpoint": restarted})(trainer)
+    assert restarted.best == 0.8
+    restarted(_validator(0.5))
+    assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], saved["weight"])
+    restarted(_validator(0.9))
+    assert restarted.best == 0.9 and not torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], saved["weight"])
+
+
+def test_image_path_meta_names_cases_for_metrics_saver():
+    assert image_path_meta([{"image_path": "a.nii.gz", "pred": 1}]) == [{"filename_or_obj": "a.nii.gz"}]
