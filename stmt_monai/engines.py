@@ -20,7 +20,7 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
-from stmt_monai.semisupervision import CPL, LABELLED, correct_tumor_pseudo_label
+from stmt_monai.semisupervision import CPL, LABELLED, correct_tumor_pseudo_label, sigmoid_rampup
 
 
 class SelfTrainingTrainer(SupervisedTrainer):
@@ -66,17 +66,27 @@ class MeanTeacherTrainer(SupervisedTrainer):
 
     Args:
         teacher: the EMA copy of the student (``ignite.handlers.EMAHandler(...).ema_model``).
+        lambda_rampup_epochs: ramp the weight of the teacher's target up from 0 to its full value
+            (``lambda``, the loss's ``"cpl"`` weight) over this many epochs, by
+            :func:`stmt_monai.semisupervision.sigmoid_rampup` (the usual mean-teacher consistency
+            ramp-up, not in the paper); 0 for none. Without it an untrained teacher's tumor
+            predictions (a random network marks 20-90 % of a volume as tumor) are targets from the
+            first iteration, and the student can settle on them.
         *args, **kwargs: as ``monai.engines.SupervisedTrainer``; ``loss_function`` is a
             :class:`stmt_monai.losses.WeightedStreamsLoss` with weights for ``"labelled"`` and
             ``"cpl"`` (``TUMOR_STREAM_WEIGHTS``), called as ``loss(pred, {"labelled": label,
             "cpl": corrected_teacher_label})``. With a ``"cpl"`` weight of 0 (lambda = 0) the teacher
             pass is skipped and the loss gets the annotation only: plain supervised training (FST),
             the paper's baseline, with the same bundle.
+
+    The iteration output also holds ``loss_labelled`` and ``loss_cpl`` (the unweighted terms) and
+    ``lambda_cpl`` (the weight used this iteration).
     """
 
-    def __init__(self, *args, teacher: torch.nn.Module, **kwargs):
+    def __init__(self, *args, teacher: torch.nn.Module, lambda_rampup_epochs: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher
+        self.lambda_rampup_epochs = float(lambda_rampup_epochs)
 
     @torch.no_grad()
     def teacher_pseudo_label(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -90,15 +100,34 @@ class MeanTeacherTrainer(SupervisedTrainer):
         """False when the loss gives the teacher's target no weight (lambda = 0: FST)."""
         return float(getattr(self.loss_function, "weights", {}).get(CPL, 1.0)) > 0.0
 
+    def rampup(self) -> float:
+        """Factor of lambda at the current iteration: ramp-up over (fractional) epochs done."""
+        epochs_done = (self.state.iteration - 1) / max(int(self.state.epoch_length or 1), 1)
+        return sigmoid_rampup(epochs_done, self.lambda_rampup_epochs)
+
     def _iteration(self, engine, batchdata):
         loss_function = engine.loss_function
+        weights = getattr(loss_function, "weights", None)
+        lambda_cpl = 0.0
         if not self.uses_teacher:
             engine.loss_function = lambda pred, label: loss_function(pred, {LABELLED: label})
         else:
             image, label = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
             pseudo_label = self.teacher_pseudo_label(image, label)
             engine.loss_function = lambda pred, label: loss_function(pred, {LABELLED: label, CPL: pseudo_label})
+            lambda_cpl = float(weights[CPL]) if weights is not None else 1.0
+            if weights is not None and self.lambda_rampup_epochs > 0:
+                lambda_cpl *= self.rampup()
+                loss_function.weights = {**weights, CPL: lambda_cpl}  # this iteration only
         try:
-            return super()._iteration(engine, batchdata)
+            output = super()._iteration(engine, batchdata)
         finally:
             engine.loss_function = loss_function
+            if weights is not None:
+                loss_function.weights = weights
+        # the unweighted terms L_tl, L_cpl of eq. (2) and this iteration's lambda, for logging
+        extra = {f"loss_{name}": value for name, value in getattr(loss_function, "last_terms", {}).items()}
+        extra["lambda_cpl"] = lambda_cpl
+        for item in output if isinstance(output, list) else [output]:
+            item.update(extra)
+        return output

@@ -153,9 +153,14 @@ def tumor_lesions(
         ``longest_axial_diameter_mm``, ``diameter_slice`` (axial voxel index in the file),
         ``host_organ_label`` (0 none), ``host_organ`` (name or ``"none"``), ``centroid_mm`` (RAS).
     """
+    return _lesions(labels, affine, image, organ_labels, max_lesions)[0]
+
+
+def _lesions(labels, affine, image, organ_labels, max_lesions) -> tuple[list[dict], int]:
+    """:func:`tumor_lesions` and the number of components (all of them, listed or not)."""
     tumor = labels == TUMOR
     if not tumor.any():
-        return []
+        return [], 0
     box = _bbox(tumor)
     sub = np.ascontiguousarray(tumor[box])
     components, num = cc3d.connected_components(sub, connectivity=26, return_N=True)
@@ -191,12 +196,7 @@ def tumor_lesions(
                 "centroid_mm": [round(float(v), 2) for v in centroid],
             }
         )
-    return lesions
-
-
-def _count_components(labels: np.ndarray) -> int:
-    tumor = labels == TUMOR
-    return int(cc3d.connected_components(np.ascontiguousarray(tumor[_bbox(tumor)]), connectivity=26, return_N=True)[1])
+    return lesions, int(num)
 
 
 def case_report(
@@ -237,8 +237,7 @@ def case_report(
         }
         for label in ORGAN_CLASSES
     ]
-    lesions = tumor_lesions(labels, affine, image, organ_labels)
-    count = _count_components(labels) if len(lesions) == MAX_LESIONS else len(lesions)
+    lesions, count = _lesions(labels, affine, image, organ_labels, MAX_LESIONS)
     return {
         "case": case,
         "source": source,

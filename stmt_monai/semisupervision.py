@@ -208,6 +208,23 @@ class StreamBatchSampler(Sampler):
             yield batch
 
 
+def sigmoid_rampup(current: float, length: float) -> float:
+    """The sigmoid-shaped ramp-up of semi-supervised weights (Laine and Aila 2017, used by the mean
+    teacher): ``exp(-5 (1 - t)^2)`` with ``t = current / length`` clipped to ``[0, 1]``.
+
+    Args:
+        current: progress, e.g. epochs done (fractional).
+        length: progress at which the ramp reaches 1; ``<= 0`` means no ramp-up (always 1).
+
+    Returns:
+        A factor in ``(0, 1]``: ``exp(-5) = 0.0067`` at the start, 1 from ``length`` on.
+    """
+    if length <= 0:
+        return 1.0
+    t = min(max(float(current) / float(length), 0.0), 1.0)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
 #: mean-teacher EMA decay of the tumor bundle (teacher = decay * teacher + (1 - decay) * student)
 EMA_DECAY = 0.99
 

@@ -8,6 +8,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+import pytest
 from cascade_helpers import REPO, random_bundles
 from monai.bundle import verify_metadata
 
@@ -47,6 +48,7 @@ def with_overrides(args: list[str], **overrides: str) -> list[str]:
     return args
 
 
+@pytest.mark.slow
 def test_readme_command_segments_a_folder_and_fails_on_a_bad_case(tmp_path, real_ct):
     bundles = random_bundles(tmp_path / "bundles")
     inputs = tmp_path / "in"

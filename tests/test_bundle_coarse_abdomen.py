@@ -23,8 +23,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from stmt_monai.io import load_label, save_label_map
+from stmt_monai.io import case_name, load_image, load_label, save_label_map
 from stmt_monai.labels import ABDOMEN_CHANNELS, TUMOR
+from stmt_monai.preprocessing import to_canonical
 from stmt_monai.pseudo_label import keep_annotated_tumor
 from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label
 
@@ -269,26 +270,30 @@ def test_evaluate_scores_model_at_input_resolution(trained, cohort):
         assert pred.shape == label.shape and np.allclose(pred.affine, label.affine, atol=1e-4)
 
 
-def test_inference_writes_mask_and_roi_at_input_geometry(trained, cohort, real_ct, tmp_path):
+def test_inference_writes_mask_and_roi_at_input_geometry(trained, cohort, real_ct, real_dicom, tmp_path):
+    """Generated NIfTI cases, the real CT and the real DICOM series (LPS, 512 x 512) in one folder:
+    each gets its mask on its own grid and its ROI in canonical voxels and RAS mm."""
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     shutil.copy(real_ct, inputs / "real_0000.nii.gz")
+    shutil.copytree(real_dicom, inputs / "real_dicom")
     for image in sorted((cohort["root"] / "test" / "images").iterdir()):
         shutil.copy(image, inputs / image.name)
     out = tmp_path / "outputs"
     run_readme("inference", bundle_root=str(trained["bundle_root"]), input_dir=str(inputs), output_dir=str(out), **TINY)
     for image_path in sorted(inputs.iterdir()):
-        name = image_path.name[: -len("_0000.nii.gz")]
-        image = nib.load(image_path)
+        name = case_name(image_path)
+        image, affine = load_image(image_path)
         mask = nib.load(out / f"{name}.nii.gz")
-        assert mask.shape == image.shape and np.allclose(mask.affine, image.affine, atol=1e-4)
+        assert mask.shape == image.shape and np.allclose(mask.affine, affine, atol=1e-4)
         assert set(np.unique(np.asarray(mask.dataobj)).tolist()) <= {0, 1}
         roi = json.loads((out / f"{name}_roi.json").read_text())
         assert roi["case"] == name and roi["margin_mm"] == 10.0
         start, end, shape = (np.asarray(roi[k]) for k in ("start_voxel", "end_voxel", "canonical_shape"))
         assert np.all(0 <= start) and np.all(start < end) and np.all(end <= shape)
         assert roi["found"] or (np.all(start == 0) and np.all(end == shape))
-        # world corners: the box's outer voxel faces (RAS image: canonical == file order)
-        affine = nib.as_closest_canonical(image).affine
-        assert np.allclose(roi["start_mm"], affine[:3, :3] @ (start - 0.5) + affine[:3, 3], atol=1e-3)
-        assert np.allclose(roi["end_mm"], affine[:3, :3] @ (end - 0.5) + affine[:3, 3], atol=1e-3)
+        # world corners: the box's outer voxel faces on the canonical (RAS) grid
+        _, canonical_affine, _ = to_canonical(image, affine)
+        assert tuple(shape) == nib.as_closest_canonical(mask).shape
+        assert np.allclose(roi["start_mm"], canonical_affine[:3, :3] @ (start - 0.5) + canonical_affine[:3, 3], atol=1e-3)
+        assert np.allclose(roi["end_mm"], canonical_affine[:3, :3] @ (end - 0.5) + canonical_affine[:3, 3], atol=1e-3)

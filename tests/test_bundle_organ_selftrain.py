@@ -14,7 +14,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -105,21 +104,21 @@ def cohort(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline(cohort, tmp_path_factory):
-    """Steps 1-3 of the README: teacher (2 epochs), pseudo labels (with the raw predictions),
-    student (2 epochs, lambda2 = 0.25 to see the weights act), in a temporary bundle root."""
+    """Steps 1-3 of the README: teacher (1 epoch), pseudo labels (with the raw predictions),
+    student (1 epoch, lambda2 = 0.25 to see the weights act), in a temporary bundle root."""
     root, prepared = cohort
     bundle_root = tmp_path_factory.mktemp("organ_selftrain_bundle")
     pseudo_dir = tmp_path_factory.mktemp("pseudo_labels")
     data = {"bundle_root": str(bundle_root), "prepared_dir": str(prepared)}
     logs = {
         "train_teacher": run_readme(
-            "train_teacher", teacher_max_epochs="2", teacher_val_interval="1", **TINY_TEACHER, **data
+            "train_teacher", teacher_max_epochs="1", teacher_val_interval="1", **TINY_TEACHER, **data
         ),
         "pseudo_label": run_readme(
             "pseudo_label", pseudo_label_dir=str(pseudo_dir), keep_raw="True", progress="False", **TINY_TEACHER, **data
         ),
         "train": run_readme(
-            "train", pseudo_label_dir=str(pseudo_dir), max_epochs="2", val_interval="1", lambda2="0.25", **TINY_STUDENT, **data
+            "train", pseudo_label_dir=str(pseudo_dir), max_epochs="1", val_interval="1", lambda2="0.25", **TINY_STUDENT, **data
         ),
     }
     return {"bundle_root": bundle_root, "pseudo_dir": pseudo_dir, "logs": logs}
@@ -169,10 +168,10 @@ def test_train_teacher_writes_best_teacher_and_resumable_checkpoint(pipeline, co
     assert (models / "teacher.pt").is_file()
     checkpoint = torch.load(models / "teacher_checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "trainer", "best_checkpoint"}
-    assert checkpoint["trainer"]["iteration"] == 2 * checkpoint["trainer"]["epoch_length"]  # 2 epochs done
+    assert checkpoint["trainer"]["iteration"] == checkpoint["trainer"]["epoch_length"]  # the epoch is done
     assert json.loads((models / "fingerprint.json").read_text()) == json.loads((cohort[1] / "fingerprint.json").read_text())
     log = pipeline["logs"]["train_teacher"]
-    assert "teacher_val_mean_dice" in log and "Epoch: 2/2" in log
+    assert "teacher_val_mean_dice" in log and "Epoch: 1/1" in log and "saved" in log
     assert list((pipeline["bundle_root"] / "logs" / "teacher").glob("events.out.tfevents.*"))
 
 
@@ -203,10 +202,10 @@ def test_train_student_logs_weighted_terms_and_saves_model(pipeline):
     models = pipeline["bundle_root"] / "models"
     assert (models / "model.pt").is_file()
     checkpoint = torch.load(models / "checkpoint_last.pt", map_location="cpu", weights_only=False)
-    assert checkpoint["trainer"]["iteration"] == 2 * checkpoint["trainer"]["epoch_length"]
+    assert checkpoint["trainer"]["iteration"] == checkpoint["trainer"]["epoch_length"]
     assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "trainer", "best_checkpoint"}
     log = pipeline["logs"]["train"]
-    assert "val_mean_dice" in log and "Epoch: 2/2" in log
+    assert "val_mean_dice" in log and "Epoch: 1/1" in log
     # every iteration logs L_o and its terms: L_o = L_ol + lambda1 L_cpl + lambda2 L_pl (lambda2 = 0.25 here)
     rows = re.findall(r"loss: ([\d.]+) loss_cpl: ([\d.]+) loss_labelled: ([\d.]+) loss_pl: ([\d.]+)", log)
     assert len(rows) >= 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shlex
@@ -28,7 +29,7 @@ from stmt_monai.engines import MeanTeacherTrainer
 from stmt_monai.io import load_image, load_label, save_label_map
 from stmt_monai.labels import TUMOR, TUMOR_CHANNELS
 from stmt_monai.losses import CPL, LABELLED, TUMOR_STREAM_WEIGHTS, WeightedStreamsLoss
-from stmt_monai.semisupervision import attach_roi, correct_tumor_pseudo_label, ema_teacher
+from stmt_monai.semisupervision import attach_roi, correct_tumor_pseudo_label, ema_teacher, sigmoid_rampup
 from stmt_monai.transforms import WHOLE_IMAGE_ROI, LoadStageInputd, ToFlareLabelsd
 
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +141,7 @@ class _RecordingLoss(torch.nn.Module):
         return logits.float().pow(2).mean()
 
 
-def _one_step(weights: dict, teacher: torch.nn.Module, batch: dict) -> _RecordingLoss:
+def _one_step(weights: dict, teacher: torch.nn.Module, batch: dict, **trainer_args) -> _RecordingLoss:
     student = torch.nn.Conv3d(1, 2, 1)
     recorder = _RecordingLoss()
     trainer = MeanTeacherTrainer(
@@ -151,8 +152,10 @@ def _one_step(weights: dict, teacher: torch.nn.Module, batch: dict) -> _Recordin
         optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
         loss_function=WeightedStreamsLoss(weights, base_loss=recorder),
         teacher=teacher,
+        **trainer_args,
     )
     trainer.run()
+    recorder.output = trainer.state.output
     return recorder
 
 
@@ -178,6 +181,22 @@ def test_lambda_zero_is_plain_supervised_training():
 
     recorder = _one_step({LABELLED: 1.0, CPL: 0.0}, _NeverCalled(), _batch())
     assert len(recorder.targets) == 1  # L_tl only: FST
+
+
+def test_sigmoid_rampup():
+    assert sigmoid_rampup(0, 10) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(5, 10) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(10, 10) == sigmoid_rampup(30, 10) == sigmoid_rampup(0, 0) == 1.0
+
+
+def test_lambda_rampup_scales_the_teacher_term_only_for_that_iteration():
+    weights = dict(TUMOR_STREAM_WEIGHTS)
+    recorder = _one_step(weights, _FixedTeacher(torch.zeros(1, 1, 8, 8, 8)), _batch(), lambda_rampup_epochs=10)
+    output = recorder.output[0] if isinstance(recorder.output, list) else recorder.output  # decollated per item
+    assert output["lambda_cpl"] == pytest.approx(math.exp(-5))  # first iteration: epoch 0 of 10
+    # the recording base loss gives both terms the same value v: total = (1 + lambda) * v
+    assert float(output["loss"]) == pytest.approx((1 + math.exp(-5)) * output["loss_labelled"], rel=1e-5)
+    assert output["loss_cpl"] == pytest.approx(output["loss_labelled"])
 
 
 # ----------------------------------------------------------------------------- pieces of the bundle

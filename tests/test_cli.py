@@ -2,7 +2,6 @@
 
 import json
 import os
-import tomllib
 from pathlib import Path
 
 import nibabel as nib
@@ -83,5 +82,6 @@ def test_missing_weights_exit_2(tmp_path, capsys):
 
 
 def test_entry_point_is_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["stmt-segment"] == "stmt_monai.cli:segment_main"

@@ -1,9 +1,7 @@
 """stmt_monai.inference: the cascade on real files (NIfTI and DICOM), with tiny networks."""
 
-import json
 
 import cc3d
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -64,6 +62,7 @@ def test_cascade_output_has_the_input_geometry(random_cascade, case, request):
     assert {"read", "stage1", "organ", "tumor", "restore"} <= set(result.timings)
 
 
+@pytest.mark.slow
 def test_organs_land_where_the_real_ct_has_them(trained_cascade, real_ct, real_organs, real_dicom):
     """Networks fitted for seconds to the real CT (tests/cascade_helpers.py) and run through the
     whole cascade: measured liver DSC 0.92, right kidney 0.86, stomach 0.84 on this CT (the case

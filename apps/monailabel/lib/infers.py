@@ -30,7 +30,7 @@ from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
 from stmt_monai.inference import Cascade, bundle_config
-from stmt_monai.inference import _weights_path as weights_path  # the file StageModel loads
+from stmt_monai.inference import weights_path  # the file StageModel loads
 from stmt_monai.io import save_label_map
 from stmt_monai.labels import stage_output_map
 from stmt_monai.preprocessing import CaseGeometry

@@ -31,7 +31,7 @@ from monai.bundle import ConfigParser
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
 from stmt_monai.inference import DEMO_CONFIG, bundle_config
-from stmt_monai.inference import _weights_path as weights_path  # the file StageModel loads
+from stmt_monai.inference import weights_path  # the file StageModel loads
 from stmt_monai.losses import LABELLED
 from stmt_monai.transforms import STREAM
 
