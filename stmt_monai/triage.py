@@ -14,7 +14,8 @@ unreadable files, and writes into ``out_dir``:
 - ``datalist_fully_labelled.json``: stage 1 and organ-teacher training (fully organ labelled);
 - ``datalist_pseudo_label_jobs.json``: cases the organ teacher pseudo-labels, each with
   ``"kind": "partial"`` (with its label and ``"organs"``: the set A used to correct the
-  pseudo label) or ``"kind": "unlabelled"`` (unlabelled scans and non-organ labelled cases);
+  pseudo label) or ``"kind": "unlabelled"`` (unlabelled scans; non-organ labelled cases, with their label so that
+  an annotated tumor is kept in the pseudo label);
 - ``datalist_tumor.json``: tumor-annotated cases (mean-teacher training);
 - ``datalist_validation.json``: the ``validation`` folder (and ``test`` if present) if the
   dataset has one, else a held-out share of the fully labelled cases, chosen by the SHA-1 of
@@ -463,8 +464,12 @@ def _write_datalists(out: Path, cases: list[CaseRecord], validation: list[CaseRe
     for c in training:
         if c.labelled and c.organ_category == PARTIAL:
             jobs.append(labelled_entry(c, kind="partial", organs=c.organs))
-        elif not c.labelled or c.organ_category == NON_ORGAN:
+        elif not c.labelled:
             jobs.append({"image": rel(c.image), "name": c.name, "kind": "unlabelled"})
+        elif c.organ_category == NON_ORGAN:
+            # no organ annotated: a plain pseudo label, but an annotated tumor is written into it
+            # (stage 1 reads these pseudo labels: the tumor is abdomen foreground)
+            jobs.append(labelled_entry(c, kind="unlabelled", organs=[]))
     tumor = [labelled_entry(c, organs=c.organs) for c in training if c.labelled and c.tumor]
     lists = {
         "fully_labelled": {

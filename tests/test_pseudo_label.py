@@ -256,7 +256,11 @@ def test_job_writes_corrected_and_plain_pseudo_labels(cohort, tmp_path):
             assert np.array_equal(pseudo == TUMOR, annotation == TUMOR)
         else:
             assert record["stream"] == PL and record["annotated_classes"] == []
-            assert np.all(pseudo == 1)
+            if job.get("label"):  # non-organ labelled: the teacher's organs, the annotated tumor kept
+                annotation, _ = load_label(cohort[1] / job["label"])
+                assert np.array_equal(pseudo == TUMOR, annotation == TUMOR) and np.all(pseudo[annotation != TUMOR] == 1)
+            else:
+                assert np.all(pseudo == 1)
     # the student reads it: fully labelled + CPL + PL, with paths it can open
     items = student_datalist(cohort[1] / "datalist_fully_labelled.json", tmp_path / PSEUDO_DATALIST)
     assert Counter(i["stream"] for i in items) == {

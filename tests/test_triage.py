@@ -86,7 +86,11 @@ def test_datalists_load_in_monai(small_cohort, triaged):
         assert job["organs"] == policy[job["name"]]["organs"]
         labels, _ = load_label(job["label"])
         assert sorted(int(v) for v in np.unique(labels) if v in ORGAN_CLASSES) == job["organs"]
-    assert all("label" not in j and Path(j["image"]).is_file() for j in unlabelled)
+    for job in unlabelled:  # unlabelled scans without a label; non-organ labelled cases with theirs (tumor only)
+        assert Path(job["image"]).is_file()
+        assert ("label" in job) == (policy[job["name"]]["split"] == "labelled")
+        if "label" in job:
+            assert job["organs"] == [] and set(np.unique(load_label(job["label"])[0]).tolist()) <= {0, TUMOR}
 
     tumor = load_decathlon_datalist(out / "datalist_tumor.json", True, "training")
     assert sorted(d["name"] for d in tumor) == sorted(n for n, r in policy.items() if r["split"] == "labelled" and r["tumor_annotated"])
