@@ -14,18 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 
+from stmt_monai.distributed import is_main_process
 from stmt_monai.io import atomic_path
 
 logger = logging.getLogger(__name__)
-
-
-def is_main_process() -> bool:
-    """True outside torch.distributed and on rank 0 inside it."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _state_dict(obj):
@@ -138,7 +133,8 @@ class BestCheckpoint:
                     tmp.unlink(missing_ok=True)
             else:
                 save_checkpoint(self.save_path, self.save_dict)
-            logger.info(f"{name} improved to {value:.4f}: saved {self.save_path}")
+            if is_main_process():
+                logger.info(f"{name} improved to {value:.4f}: saved {self.save_path}")
 
 
 def image_path_meta(batch: Sequence[Mapping]) -> list[dict]:

@@ -148,16 +148,19 @@ class StreamBatchSampler(Sampler):
     stream fills two places). Each stream draws its cases from its own shuffled order,
     reshuffled when used up, so small streams repeat and large ones are sampled.
 
-    With ``num_replicas > 1`` (torch.distributed) every rank takes a disjoint share of each
-    stream's order, so the ranks see different cases and the same stream mix.
+    With ``num_replicas > 1`` (torch.distributed, the bundles' ``multi_gpu_train.json``) every rank
+    takes a disjoint share of each stream's shuffled order (every ``num_replicas``-th case) and
+    fills its batch positions in the same stream order as the other ranks, so the ranks see
+    different cases, in the same proportions, and the same number of batches.
 
     Args:
         data: the datalist; ``data[i][stream_key]`` names item ``i``'s stream.
         batch_size: cases per batch (per rank).
         num_batches: batches per epoch; default ``ceil(len(data) / (batch_size * num_replicas))``.
         streams: stream names, in round-robin order.
-        seed: shuffling seed; ``set_epoch`` changes the order per epoch.
-        num_replicas, rank: distributed data parallel set-up.
+        seed: shuffling seed, the same on every rank; ``set_epoch`` changes the order per epoch.
+        num_replicas, rank: distributed data parallel set-up (``stmt_monai.distributed.world_size()``,
+            ``rank()``); rank must be in ``[0, num_replicas)``.
     """
 
     def __init__(
@@ -177,6 +180,8 @@ class StreamBatchSampler(Sampler):
         if not self.streams:
             raise ValueError("no case belongs to any of the streams " + ", ".join(streams))
         self.num_replicas, self.rank = int(num_replicas), int(rank)
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.num_batches = num_batches or max(1, math.ceil(len(data) / (self.batch_size * self.num_replicas)))
         self.seed, self.epoch = int(seed), 0
 
@@ -187,12 +192,16 @@ class StreamBatchSampler(Sampler):
         return self.num_batches
 
     def _stream_order(self, stream: str, rng: np.random.Generator) -> Iterator[int]:
+        """Rank ``rank``'s share of the stream's endless sequence of shuffled passes: every
+        ``num_replicas``-th position. All ranks draw the same permutations (same seed), so within
+        a pass over a stream of at least ``num_replicas`` cases the shares are disjoint."""
         indices = np.asarray(self.indices[stream])
+        position = 0
         while True:
-            order = indices[rng.permutation(len(indices))]
-            # each rank a disjoint share (all ranks share rng state, so the same permutation)
-            share = order[self.rank :: self.num_replicas] if len(order) >= self.num_replicas else order
-            yield from share.tolist()
+            for index in indices[rng.permutation(len(indices))].tolist():
+                if position % self.num_replicas == self.rank:
+                    yield index
+                position += 1
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])

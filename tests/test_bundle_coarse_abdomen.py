@@ -9,32 +9,27 @@ metadata checks run in-process (the functions behind ``python -m monai.bundle ve
 
 import json
 import re
-import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import ENV, REPO, SCHEMA, TINY, oracle_pseudo_labels, with_overrides
+from bundle_helpers import readme_commands as _readme_commands
+from bundle_helpers import run_readme as _run_readme
 from monai.bundle import ConfigParser, verify_metadata, verify_net_in_out
 
-from stmt_monai.io import case_name, load_image, load_label, save_label_map
-from stmt_monai.labels import ABDOMEN_CHANNELS, TUMOR
+from stmt_monai.io import case_name, load_image
+from stmt_monai.labels import ABDOMEN_CHANNELS
 from stmt_monai.preprocessing import to_canonical
-from stmt_monai.pseudo_label import keep_annotated_tumor
-from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "coarse_abdomen"
+NAME = "coarse_abdomen"
+BUNDLE = REPO / "bundles" / NAME
 CONFIGS = BUNDLE / "configs"
-SCHEMA = REPO / "stmt_monai" / "resources" / "meta_schema_20240725.json"
-#: what a CPU test can afford: 32^3 needs 3 down-samplings (5 would leave one voxel)
-TINY = {"spatial_size": "[32,32,32]", "num_downsamplings": "3", "base_channels": "4", "num_workers": "0"}
 
 #: epochs of the tests' training run
 EPOCHS = 4
@@ -42,84 +37,15 @@ EPOCHS = 4
 pytestmark = pytest.mark.slow
 
 
-# ----------------------------------------------------------------------------- README commands
 def readme_commands() -> dict[str, list[str]]:
-    """The ``python -m monai.bundle`` commands of docs/README.md by kind, as argument lists."""
-    text = (BUNDLE / "docs" / "README.md").read_text()
-    commands = {}
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for command in block.replace("\\\n", " ").splitlines():
-            args = shlex.split(command)
-            if args[:3] != ["python", "-m", "monai.bundle"]:
-                continue
-            kind = args[3]
-            if kind == "run":
-                configs = args[args.index("--config_file") + 1]
-                kind = next(k for k in ("evaluate", "inference", "train") if f"{k}.json" in configs)
-            commands[kind] = args
-    return commands
-
-
-def with_overrides(args: list[str], **overrides: str) -> list[str]:
-    """``args`` with each ``--key value`` replaced (or appended); ``python`` -> this interpreter."""
-    args = [sys.executable if a == "python" else a for a in args]
-    for key, value in overrides.items():
-        flag = f"--{key}"
-        if flag in args:
-            args[args.index(flag) + 1] = value
-        else:
-            args += [flag, value]
-    return args
+    return _readme_commands(NAME)
 
 
 def run_readme(kind: str, **overrides: str) -> str:
-    """Run the README's ``kind`` command from the repository root; its output (stdout + stderr)."""
-    proc = subprocess.run(
-        with_overrides(readme_commands()[kind], **overrides), cwd=REPO, capture_output=True, text=True, timeout=300
-    )
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    return log
+    return _run_readme(NAME, kind, **overrides)
 
 
 # ----------------------------------------------------------------------------- tiny data
-def oracle_pseudo_labels(root: Path, prepared: Path, out: Path, max_cpl: int = 3, max_pl: int = 2) -> Path:
-    """A pseudo-label datalist as the organ teacher writes it, with the hidden truth as teacher.
-
-    Same format and correction as ``stmt_monai.pseudo_label.generate_pseudo_labels``: the organ
-    prediction (truth without tumor) corrected with the partial annotation, annotated tumor kept
-    (stream ``cpl``), or plain (``pl``); at
-    most ``max_cpl`` and ``max_pl`` cases, to keep the tests short.
-    """
-    jobs = json.loads((prepared / "datalist_pseudo_label_jobs.json").read_text())["training"]
-    records, left = [], {"cpl": max_cpl, "pl": max_pl}
-    for job in jobs:
-        truth, affine = load_label(root / "truth" / f"{job['name']}.nii.gz")
-        pseudo, classes = np.where(truth == TUMOR, 0, truth).astype(np.uint8), ()
-        if job.get("label"):
-            annotation, _ = load_label(prepared / job["label"])
-            classes = annotated_organ_classes(annotation)
-            pseudo = keep_annotated_tumor(correct_pseudo_label(pseudo, annotation, classes), annotation)
-        stream = "cpl" if classes else "pl"
-        if not left[stream]:
-            continue
-        left[stream] -= 1
-        save_label_map(out / f"{job['name']}.nii.gz", pseudo, affine)
-        records.append(
-            {
-                "image": str((prepared / job["image"]).resolve()),
-                "label": f"{job['name']}.nii.gz",
-                "name": job["name"],
-                "stream": stream,
-                "annotated_classes": list(classes),
-                "quality": 1.0,
-            }
-        )
-    path = out / "datalist_pseudo_labelled.json"
-    path.write_text(json.dumps({"training": records}, indent=1))
-    return path
-
-
 @pytest.fixture(scope="module")
 def cohort(tiny_cohort, tmp_path_factory):
     """The shared tiny cohort (tests/conftest.py) and a pseudo-label datalist for it."""
@@ -147,7 +73,7 @@ def trained(cohort, tmp_path_factory):
     checkpoint = bundle_root / "models" / "checkpoint_last.pt"
     killed_log = bundle_root / "killed_run.log"
     with open(killed_log, "w") as log:
-        proc = subprocess.Popen(with_overrides(readme_commands()["train"], **overrides), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(with_overrides(readme_commands()["train"], **overrides), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV)
         try:
             deadline = time.monotonic() + 300
             while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -173,7 +99,10 @@ def epoch_of(checkpoint: dict) -> int:
 
 # ----------------------------------------------------------------------------- tests
 def test_readme_has_every_command():
-    assert set(readme_commands()) == {"train", "evaluate", "inference", "verify_metadata", "verify_net_in_out"}
+    assert set(readme_commands()) == {
+        "train", "evaluate", "inference", "verify_metadata", "verify_net_in_out network_def",
+        "torchrun multi_gpu_train",
+    }
 
 
 def test_metadata_verifies_offline_and_matches_labels_and_config():

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import REPO, SCHEMA
+from bundle_helpers import readme_commands as _readme_commands
+from bundle_helpers import run_readme as _run_readme
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from stmt_monai.io import load_label, save_label_map
@@ -28,10 +28,9 @@ from stmt_monai.networks import teacher_roi_size
 from stmt_monai.pseudo_label import PSEUDO_DATALIST, RAW_DIR, keep_annotated_tumor
 from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "organ_selftrain"
+NAME = "organ_selftrain"
+BUNDLE = REPO / "bundles" / NAME
 CONFIGS = BUNDLE / "configs"
-SCHEMA = REPO / "stmt_monai" / "resources" / "meta_schema_20240725.json"
 WORKFLOWS = ("train_teacher", "pseudo_label", "train", "evaluate", "inference")
 #: what a CPU test affords: a 4-channel Res-UNet teacher on 32^3 windows of a 12 mm grid
 TINY_TEACHER = {
@@ -48,39 +47,12 @@ TINY_STUDENT = {"spatial_size": "[32,32,32]", "num_downsamplings": "3", "base_ch
 pytestmark = pytest.mark.slow
 
 
-# ----------------------------------------------------------------------------- README commands
 def readme_commands() -> dict[str, list[str]]:
-    """The ``python -m monai.bundle`` commands of docs/README.md by workflow, as argument lists."""
-    text = (BUNDLE / "docs" / "README.md").read_text()
-    commands = {}
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for command in block.replace("\\\n", " ").splitlines():
-            args = shlex.split(command)
-            if args[:3] != ["python", "-m", "monai.bundle"]:
-                continue
-            kind = args[3]
-            if kind == "run":
-                configs = args[args.index("--config_file") + 1]
-                kind = next(k for k in ("train_teacher", "pseudo_label", "evaluate", "inference", "train") if f"/{k}.json" in configs)
-            elif kind == "verify_net_in_out":
-                kind = f"{kind} {args[4]}"
-            commands[kind] = args
-    return commands
+    return _readme_commands(NAME)
 
 
 def run_readme(kind: str, **overrides: str) -> str:
-    """Run the README's ``kind`` command from the repository root (each ``--key value`` of
-    ``overrides`` replaced or appended); its output, stdout and stderr."""
-    args = [sys.executable if a == "python" else a for a in readme_commands()[kind]]
-    for key, value in overrides.items():
-        if f"--{key}" in args:
-            args[args.index(f"--{key}") + 1] = value
-        else:
-            args += [f"--{key}", value]
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    return log
+    return _run_readme(NAME, kind, **overrides)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -127,7 +99,8 @@ def pipeline(cohort, tmp_path_factory):
 # ----------------------------------------------------------------------------- metadata
 def test_readme_has_every_command():
     assert set(readme_commands()) == {
-        *WORKFLOWS, "verify_metadata", "verify_net_in_out network_def", "verify_net_in_out teacher_def"
+        *WORKFLOWS, "verify_metadata", "verify_net_in_out network_def", "verify_net_in_out teacher_def",
+        "torchrun multi_gpu_train_teacher", "torchrun multi_gpu_train",
     }
 
 

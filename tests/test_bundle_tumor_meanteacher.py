@@ -13,16 +13,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import re
-import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import REPO, SCHEMA, TINY
+from bundle_helpers import run_readme as _run_readme
 from monai.bundle import verify_metadata, verify_net_in_out
 
 from stmt_monai.engines import MeanTeacherTrainer
@@ -32,12 +28,9 @@ from stmt_monai.losses import CPL, LABELLED, TUMOR_STREAM_WEIGHTS, WeightedStrea
 from stmt_monai.semisupervision import attach_roi, correct_tumor_pseudo_label, ema_teacher, sigmoid_rampup
 from stmt_monai.transforms import WHOLE_IMAGE_ROI, LoadStageInputd, ToFlareLabelsd
 
-REPO = Path(__file__).resolve().parents[1]
-BUNDLE = REPO / "bundles" / "tumor_meanteacher"
+NAME = "tumor_meanteacher"
+BUNDLE = REPO / "bundles" / NAME
 CONFIGS = BUNDLE / "configs"
-SCHEMA = REPO / "stmt_monai" / "resources" / "meta_schema_20240725.json"
-#: what a CPU test can afford: 32^3 needs 3 down-samplings (5 would leave one voxel)
-TINY = {"spatial_size": "[32,32,32]", "num_downsamplings": "3", "base_channels": "4", "num_workers": "0"}
 
 
 # ----------------------------------------------------------------------------- the EMA teacher
@@ -253,35 +246,9 @@ def test_verify_net_in_out():
 
 
 # ----------------------------------------------------------------------------- README commands
-def readme_commands() -> dict[str, list[str]]:
-    """The ``python -m monai.bundle run`` commands of docs/README.md by config, as argument lists."""
-    text = (BUNDLE / "docs" / "README.md").read_text()
-    commands = {}
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for command in block.replace("\\\n", " ").splitlines():
-            args = shlex.split(command)
-            if args[:4] != ["python", "-m", "monai.bundle", "run"]:
-                continue
-            configs = args[args.index("--config_file") + 1]
-            kind = next(k for k in ("evaluate", "inference", "train") if f"{k}.json" in configs)
-            commands.setdefault(kind, args)  # the first of each kind is the plain one
-    return commands
-
-
 def run_readme(kind: str, **overrides: str) -> str:
-    """Run the README's ``kind`` command from the repository root with ``--key value`` overrides."""
-    args = [sys.executable if a == "python" else a for a in readme_commands()[kind]]
-    for key, value in {**TINY, **overrides}.items():
-        if f"--{key}" in args:
-            args[args.index(f"--{key}") + 1] = value
-        else:
-            args += [f"--{key}", value]
-    # one thread: tiny networks gain nothing from more, and a shared CPU loses a lot to oversubscription
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    return log
+    """The README's ``kind`` command at tiny size (:data:`bundle_helpers.TINY`) with ``overrides``."""
+    return _run_readme(NAME, kind, **{**TINY, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,133 @@
+"""Shared helpers of the bundle tests: each bundle's docs/README.md commands, run as written.
+
+A README's commands are the lines of its ```bash blocks (``\\`` continuations joined) that start
+with ``python -m monai.bundle``, ``torchrun`` or ``python scripts/``. :func:`readme_commands`
+names each by what it runs (:func:`command_kind`); :func:`run_readme` runs one from the
+repository root with ``--key value`` overrides (tiny sizes, temporary folders), one thread per
+process (tiny networks gain nothing from more, and a shared CPU loses a lot to oversubscription).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLES = REPO / "bundles"
+SCHEMA = REPO / "stmt_monai" / "resources" / "meta_schema_20240725.json"
+#: every bundle of the repository
+BUNDLE_NAMES = ("coarse_abdomen", "organ_selftrain", "tumor_meanteacher", "cascade")
+#: a stage network a CPU test affords: 32^3 needs 3 down-samplings (5 would leave one voxel)
+TINY = {"spatial_size": "[32,32,32]", "num_downsamplings": "3", "base_channels": "4", "num_workers": "0"}
+#: environment of every command a test runs
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def command_kind(args: list[str]) -> str:
+    """What a README command runs: ``train``, ``evaluate``... (a ``run``'s last config file),
+    ``torchrun multi_gpu_train``, ``verify_net_in_out <net_id>``, ``ckpt_export <net_id>``,
+    ``verify_metadata`` or ``scripts/<name>.py``."""
+    if args[0] == "python" and args[1].startswith("scripts/"):
+        return args[1]
+    start = args.index("monai.bundle") + 1
+    action = args[start]
+    if action == "run":
+        configs = args[args.index("--config_file") + 1]
+        kind = Path(re.findall(r"[\w/.-]+\.json", configs)[-1]).stem
+        return f"torchrun {kind}" if args[0] == "torchrun" else kind
+    if action in ("verify_net_in_out", "ckpt_export"):
+        return f"{action} {args[start + 1]}"
+    return action
+
+
+def readme_commands(bundle: str) -> dict[str, list[str]]:
+    """The commands of ``bundles/<bundle>/docs/README.md`` by kind, as argument lists, in README
+    order; a kind seen again gets a number (``train 2``: the tumor bundle's FST command)."""
+    text = (BUNDLES / bundle / "docs" / "README.md").read_text()
+    commands: dict[str, list[str]] = {}
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            args = shlex.split(command)
+            runs_bundle = args[:3] == ["python", "-m", "monai.bundle"] or (args[:1] == ["torchrun"] and "monai.bundle" in args)
+            runs_script = args[:1] == ["python"] and len(args) > 1 and args[1].startswith("scripts/")
+            if not (runs_bundle or runs_script):
+                continue
+            kind, n = command_kind(args), 2
+            name = kind
+            while name in commands:
+                name, n = f"{kind} {n}", n + 1
+            commands[name] = args
+    return commands
+
+
+def with_overrides(args: list[str], **overrides: str) -> list[str]:
+    """``args`` with each ``--key value`` replaced (or appended); ``python`` -> this interpreter,
+    ``torchrun`` -> the one beside it."""
+    exe = {"python": sys.executable, "torchrun": str(Path(sys.executable).parent / "torchrun")}
+    args = [exe.get(a, a) if i == 0 or a == "python" else a for i, a in enumerate(args)]
+    for key, value in overrides.items():
+        flag = f"--{key}"
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    return args
+
+
+def run_readme(bundle: str, kind: str, timeout: float = 300, **overrides: str) -> str:
+    """Run the README's ``kind`` command from the repository root with ``--key value`` overrides;
+    its output (stdout + stderr). Fails the test if it exits with an error."""
+    args = with_overrides(readme_commands(bundle)[kind], **overrides)
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=ENV)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    return log
+
+
+def oracle_pseudo_labels(root: Path, prepared: Path, out: Path, max_cpl: int = 3, max_pl: int = 2) -> Path:
+    """A pseudo-label datalist as the organ teacher writes it, with the hidden truth as teacher.
+
+    Same format and correction as ``stmt_monai.pseudo_label.generate_pseudo_labels``: the organ
+    prediction (truth without tumor) corrected with the partial annotation, annotated tumor kept
+    (stream ``cpl``), or plain (``pl``); at most ``max_cpl`` and ``max_pl`` cases, to keep the
+    tests short.
+    """
+    from stmt_monai.io import load_label, save_label_map
+    from stmt_monai.labels import TUMOR
+    from stmt_monai.pseudo_label import keep_annotated_tumor
+    from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label
+
+    jobs = json.loads((prepared / "datalist_pseudo_label_jobs.json").read_text())["training"]
+    records, left = [], {"cpl": max_cpl, "pl": max_pl}
+    for job in jobs:
+        truth, affine = load_label(root / "truth" / f"{job['name']}.nii.gz")
+        pseudo, classes = np.where(truth == TUMOR, 0, truth).astype(np.uint8), ()
+        if job.get("label"):
+            annotation, _ = load_label(prepared / job["label"])
+            classes = annotated_organ_classes(annotation)
+            pseudo = keep_annotated_tumor(correct_pseudo_label(pseudo, annotation, classes), annotation)
+        stream = "cpl" if classes else "pl"
+        if not left[stream]:
+            continue
+        left[stream] -= 1
+        save_label_map(out / f"{job['name']}.nii.gz", pseudo, affine)
+        records.append(
+            {
+                "image": str((prepared / job["image"]).resolve()),
+                "label": f"{job['name']}.nii.gz",
+                "name": job["name"],
+                "stream": stream,
+                "annotated_classes": list(classes),
+                "quality": 1.0,
+            }
+        )
+    path = out / "datalist_pseudo_labelled.json"
+    path.write_text(json.dumps({"training": records}, indent=1))
+    return path
