@@ -43,7 +43,9 @@ def segment(
         preview: write a PNG with axial, coronal and sagittal slices and the label overlay.
         bundles_dir: folder of the three stage bundles (default: the repository's ``bundles/``).
         threads: CPU threads for the networks (default: torch's).
-        backend: ``torch`` or ``openvino`` (CPU; needs ``pip install 'stmt-monai[openvino]'``).
+        backend: ``torch``, ``openvino`` (CPU; needs ``pip install 'stmt-monai[openvino]'``),
+            ``torchscript`` or ``onnx`` (CPU, ONNX Runtime; ``pip install 'stmt-monai[export]'``): the
+            files ``python scripts/export.py bundles/<stage bundle>`` writes beside each bundle's weights.
         weights: ``auto`` (trained weights if present, else the demo weights), ``trained``, ``demo``.
         progress: show a progress bar.
 

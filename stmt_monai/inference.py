@@ -61,7 +61,8 @@ DEMO_CONFIG = "demo.json"
 #: which weights a bundle's network is built for: ``auto`` (trained ``models/model.pt`` if there,
 #: else the demo weights), ``trained``, ``demo``
 WEIGHTS = ("auto", "trained", "demo")
-BACKENDS = ("torch", "openvino")
+#: ``torchscript`` and ``onnx`` run the files ``scripts/export.py`` writes beside the weights
+BACKENDS = ("torch", "openvino", "torchscript", "onnx")
 #: output names beside ``<case>.nii.gz``
 REPORT_JSON, REPORT_CSV, PREVIEW_PNG = "_report.json", "_report.csv", "_preview.png"
 
@@ -185,8 +186,10 @@ class StageModel:
             stage: ``"abdomen"``, ``"organ"`` or ``"tumor"``.
             device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).
             weights: ``"auto"``, ``"trained"`` or ``"demo"`` (see :func:`bundle_config`).
-            backend: ``"torch"`` or ``"openvino"`` (CPU only; see :class:`OpenVinoNetwork`).
-            threads: CPU threads of the OpenVINO backend (default torch's).
+            backend: ``"torch"``, ``"openvino"`` (CPU only; see :class:`OpenVinoNetwork`),
+                ``"torchscript"`` (``model.ts`` beside the weights) or ``"onnx"`` (``model.onnx``,
+                CPU, :class:`OnnxNetwork`); the exported files come from ``scripts/export.py``.
+            threads: CPU threads of the OpenVINO and ONNX Runtime backends (default torch's).
 
         Raises:
             FileNotFoundError: no weights file or fingerprint, with what to do about it.
@@ -194,8 +197,8 @@ class StageModel:
         device = torch.device(device)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if backend == "openvino" and device.type != "cpu":
-            raise ValueError("backend 'openvino' runs on the CPU: use device='cpu'")
+        if backend in ("openvino", "onnx") and device.type != "cpu":
+            raise ValueError(f"backend {backend!r} runs on the CPU: use device='cpu'")
         parser, kind = bundle_config(bundle_root, weights)
         path = weights_path(parser)
         if not path.is_file():
@@ -219,6 +222,9 @@ class StageModel:
         }
         if backend == "openvino":
             network = OpenVinoNetwork(network, spatial_size, cache_key=_file_digest(path), threads=threads)
+        elif backend in ("torchscript", "onnx"):
+            network = _exported_network(path, backend, device, spatial_size, threads, f"python scripts/export.py {bundle_root} --weights {kind}")
+            settings["exported"] = str(exported_path(path, backend))
         return cls(stage, network, spatial_size, fingerprint, path, kind, settings, device)
 
     def predict(self, image: torch.Tensor) -> torch.Tensor:
@@ -240,6 +246,56 @@ class StageModel:
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def exported_path(weights_file: str | os.PathLike, backend: str) -> Path:
+    """The export of ``weights_file`` that backend ``"torchscript"`` (``.ts``) or ``"onnx"``
+    (``.onnx``) runs: same folder and stem (:mod:`stmt_monai.export` writes it)."""
+    suffixes = {"torchscript": ".ts", "onnx": ".onnx"}
+    if backend not in suffixes:
+        raise ValueError(f"no exported file for backend {backend!r}")
+    return Path(weights_file).with_suffix(suffixes[backend])
+
+
+def _exported_network(weights_file: Path, backend: str, device: torch.device, spatial_size, threads: int | None, command: str):
+    """The exported network of ``weights_file`` for ``backend``; refuses a missing or stale file
+    (``command`` makes it)."""
+    path = exported_path(weights_file, backend)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {backend} export of {weights_file}; make it with: {command}")
+    if path.stat().st_mtime < weights_file.stat().st_mtime:
+        raise RuntimeError(f"{path} is older than {weights_file}: re-export with: {command}")
+    if backend == "onnx":
+        return OnnxNetwork(path, threads=threads, spatial_size=spatial_size)
+    return torch.jit.load(str(path), map_location=device).eval()
+
+
+class OnnxNetwork:
+    """An exported ONNX network run by ONNX Runtime on the CPU (optional ``export`` extra).
+
+    Args:
+        path: the ``.onnx`` file (:func:`stmt_monai.export.export_onnx`: one input, logits out).
+        threads: intra-op threads (default ``torch.get_num_threads()``).
+        spatial_size: if given, the graph's fixed input size must be this one.
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spatial_size: Sequence[int] | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError("backend 'onnx' needs the optional extra: pip install 'stmt-monai[export]'") from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        shape = self.session.get_inputs()[0].shape
+        if spatial_size is not None and list(shape[2:]) != [int(s) for s in spatial_size]:
+            raise ValueError(f"{path}: exported for input {shape}, the bundle's spatial_size is {list(spatial_size)}: re-export")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x`` (``(1, C, *spatial_size)``), on the CPU."""
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])
 
 
 class OpenVinoNetwork:
@@ -389,7 +445,8 @@ class Cascade:
             ``tumor_meanteacher`` (default :func:`default_bundles_dir`).
         device: ``"cpu"`` or ``"cuda"``.
         threads: ``torch.set_num_threads`` (and OpenVINO's threads); default unchanged.
-        backend: ``"torch"`` (default) or ``"openvino"`` (CPU).
+        backend: ``"torch"`` (default), ``"openvino"`` (CPU), ``"torchscript"`` or ``"onnx"`` (CPU):
+            see :meth:`StageModel.from_bundle`.
         weights: ``"auto"``, ``"trained"`` or ``"demo"`` (:func:`bundle_config`).
         margin_mm: ROI margin; default the ``coarse_abdomen`` bundle's ``roi_margin_mm``.
         bundles: per-stage bundle folders overriding ``bundles_dir`` (``{"organ": path}``).
@@ -686,11 +743,13 @@ __all__ = [
     "BatchResult",
     "Cascade",
     "CascadeResult",
+    "OnnxNetwork",
     "OpenVinoNetwork",
     "STAGE_BUNDLES",
     "StageModel",
     "bundle_config",
     "default_bundles_dir",
+    "exported_path",
     "list_cases",
     "load_weights",
     "output_paths",

@@ -101,7 +101,7 @@ def epoch_of(checkpoint: dict) -> int:
 def test_readme_has_every_command():
     assert set(readme_commands()) == {
         "train", "evaluate", "inference", "verify_metadata", "verify_net_in_out network_def",
-        "torchrun multi_gpu_train",
+        "torchrun multi_gpu_train", "ckpt_export network_def", "scripts/export.py",
     }
 
 

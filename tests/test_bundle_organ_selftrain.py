@@ -100,7 +100,7 @@ def pipeline(cohort, tmp_path_factory):
 def test_readme_has_every_command():
     assert set(readme_commands()) == {
         *WORKFLOWS, "verify_metadata", "verify_net_in_out network_def", "verify_net_in_out teacher_def",
-        "torchrun multi_gpu_train_teacher", "torchrun multi_gpu_train",
+        "torchrun multi_gpu_train_teacher", "torchrun multi_gpu_train", "ckpt_export network_def", "scripts/export.py",
     }
 
 
