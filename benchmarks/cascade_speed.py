@@ -74,10 +74,10 @@ def make_bundles(work_dir: Path) -> Path:
     return dest
 
 
-def run_case(case: Path, out: Path, bundles: Path, threads: int, backend: str, env: dict) -> dict:
+def run_case(case: Path, out: Path, bundles: Path, threads: int, backend: str, env: dict, device: str = "cpu") -> dict:
     """One process segmenting one case: wall time, peak RSS, the report's step times."""
     command = [sys.executable, "-m", "stmt_monai.cli", str(case), str(out), "--bundles_dir", str(bundles),
-               "--threads", str(threads), "--backend", backend, "--overwrite", "--progress", "False"]
+               "--threads", str(threads), "--backend", backend, "--device", device, "--overwrite", "--progress", "False"]
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -103,6 +103,7 @@ def main(
     backends: str | tuple = "torch",
     repeats: int = 1,
     omp_passive: bool = False,
+    device: str = "cpu",
     output: str | None = None,
 ) -> list[dict]:
     """Run the benchmark and print a markdown table.
@@ -116,6 +117,7 @@ def main(
         omp_passive: ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning,
             so the CPU time measures work even on a machine shared with other jobs (where the
             wall time does not).
+        device: ``cpu`` or ``cuda`` (stmt-segment's ``--device``).
         output: also write the rows as JSON here.
     """
     work = Path(work_dir)
@@ -131,9 +133,9 @@ def main(
         for backend in backends:
             if backend == "openvino":
                 start = time.perf_counter()
-                run_case(case, work / "out", bundles, threads, backend, env)
+                run_case(case, work / "out", bundles, threads, backend, env, device)
                 print(f"openvino warm-up (IR conversion, once per weights; cached): {time.perf_counter() - start:.1f} s", flush=True)
-            runs = [run_case(case, work / "out", bundles, threads, backend, env) for _ in range(repeats)]
+            runs = [run_case(case, work / "out", bundles, threads, backend, env, device) for _ in range(repeats)]
             row = {
                 "case": f"512 x 512 x {n}",
                 "backend": backend,
@@ -144,10 +146,12 @@ def main(
             }
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "runs"}), json.dumps(runs[-1]["steps_s"]), flush=True)
-    device = f"CPU ({platform.processor() or platform.machine()}), {threads} threads, load average {os.getloadavg()[0]:.1f} at the end"
+    where = f"CPU ({platform.processor() or platform.machine()}), {threads} threads, load average {os.getloadavg()[0]:.1f} at the end"
+    if device.startswith("cuda"):
+        where = f"{torch.cuda.get_device_name(0)}, {threads} CPU threads"
     print("\n| case | backend | time per case (s) | CPU time (s) | peak RSS (GB) | device |\n| --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['case']} | {row['backend']} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | {row['peak_rss_gb']:.2f} | {device} |")
+        print(f"| {row['case']} | {row['backend']} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | {row['peak_rss_gb']:.2f} | {where} |")
     if output:
         Path(output).write_text(json.dumps(rows, indent=1) + "\n")
     return rows
