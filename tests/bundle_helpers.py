@@ -26,6 +26,15 @@ SCHEMA = REPO / "stmt_monai" / "resources" / "meta_schema_20240725.json"
 BUNDLE_NAMES = ("coarse_abdomen", "organ_selftrain", "tumor_meanteacher", "cascade")
 #: a stage network a CPU test affords: 32^3 needs 3 down-samplings (5 would leave one voxel)
 TINY = {"spatial_size": "[32,32,32]", "num_downsamplings": "3", "base_channels": "4", "num_workers": "0"}
+#: what a CPU test affords: a 4-channel Res-UNet teacher on 32^3 windows of a 12 mm grid
+TINY_TEACHER = {
+    "teacher_kind": "res_unet_large",
+    "teacher_roi_size": "[32,32,32]",
+    "teacher_base_channels": "4",
+    "teacher_num_downsamplings": "2",
+    "teacher_spacing_mm": "[12,12,12]",
+    "num_workers": "0",
+}
 #: environment of every command a test runs
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

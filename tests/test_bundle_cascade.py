@@ -1,27 +1,16 @@
-"""bundles/cascade: metadata, and its docs/README.md inference command run as written."""
+"""bundles/cascade: its docs/README.md inference command run as written (metadata: tests/test_conformance.py)."""
 
-import json
 import subprocess
 
 import nibabel as nib
 import numpy as np
 import pytest
-from bundle_helpers import ENV, REPO, SCHEMA, readme_commands, with_overrides
+from bundle_helpers import ENV, REPO, readme_commands, with_overrides
 from cascade_helpers import random_bundles
-from monai.bundle import verify_metadata
 
 from stmt_monai.io import load_image
-from stmt_monai.labels import ALL_CHANNELS
 
 BUNDLE = REPO / "bundles" / "cascade"
-
-
-def test_metadata_is_valid_and_channels_come_from_labels():
-    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
-    meta = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
-    pred = meta["network_data_format"]["outputs"]["pred"]
-    assert pred["channel_def"] == {str(k): v for k, v in ALL_CHANNELS.items()}
-    assert pred["num_channels"] == len(ALL_CHANNELS)
 
 
 @pytest.mark.slow

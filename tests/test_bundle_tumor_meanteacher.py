@@ -17,13 +17,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import REPO, SCHEMA, TINY
+from bundle_helpers import REPO, TINY
 from bundle_helpers import run_readme as _run_readme
-from monai.bundle import verify_metadata, verify_net_in_out
 
 from stmt_monai.engines import MeanTeacherTrainer
 from stmt_monai.io import load_image, load_label, save_label_map
-from stmt_monai.labels import TUMOR, TUMOR_CHANNELS
+from stmt_monai.labels import TUMOR
 from stmt_monai.losses import CPL, LABELLED, TUMOR_STREAM_WEIGHTS, WeightedStreamsLoss
 from stmt_monai.semisupervision import attach_roi, correct_tumor_pseudo_label, ema_teacher, sigmoid_rampup
 from stmt_monai.transforms import WHOLE_IMAGE_ROI, LoadStageInputd, ToFlareLabelsd
@@ -223,26 +222,6 @@ def test_attach_roi_rules(tmp_path, real_ct, real_organs):
     assert whole["roi_start"] == [0, 0, 0] and whole["roi_end"] == list(load_image(real_ct)[0].shape)
     cropped = json.loads(load({"image": str(real_ct), "label": str(tumor_only)})["geometry"])
     assert np.subtract(cropped["roi_end"], cropped["roi_start"]).max() < 15
-
-
-def test_metadata_channel_def_is_the_label_table():
-    meta = json.loads((CONFIGS / "metadata.json").read_text())
-    fmt = meta["network_data_format"]
-    assert fmt["outputs"]["pred"]["channel_def"] == {str(k): v for k, v in TUMOR_CHANNELS.items()}
-    assert fmt["outputs"]["pred"]["num_channels"] == len(TUMOR_CHANNELS)
-    assert fmt["post_processed_outputs"]["pred"]["channel_def"] == {"0": "background", str(TUMOR): "tumor"}
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
-
-
-def test_verify_net_in_out():
-    # the paper's network (16 base channels, 5 down-samplings) at 64^3, the smallest valid size
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=[str(CONFIGS / "common.json"), str(CONFIGS / "inference.json")],
-        device="cpu",
-        n=2,
-    )
 
 
 # ----------------------------------------------------------------------------- README commands
