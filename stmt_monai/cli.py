@@ -3,6 +3,7 @@
     stmt-segment CT.nii.gz out/                     # one file
     stmt-segment scans/ out/ --preview              # every case of a folder, with PNG previews
     stmt-segment dicom_series/ out/ --device cuda   # one DICOM series folder
+    stmt-segment scans/ out/ --device cuda:1 --shard 1/2   # the second half of a batch split in two
 
 Writes ``out/<case>.nii.gz`` (FLARE naming, the input's exact shape and affine),
 ``out/<case>_report.json`` / ``.csv`` and, with ``--preview``, ``out/<case>_preview.png``.
@@ -30,6 +31,7 @@ def segment(
     backend: str = "torch",
     weights: str = "auto",
     progress: bool = True,
+    shard: str | None = None,
 ) -> BatchResult:
     """Segment a CT file, a folder of CTs or a DICOM series folder into FLARE label maps.
 
@@ -48,12 +50,14 @@ def segment(
             files ``python scripts/export.py bundles/<stage bundle>`` writes beside each bundle's weights.
         weights: ``auto`` (trained weights if present, else the demo weights), ``trained``, ``demo``.
         progress: show a progress bar.
+        shard: ``i/n``: only every n-th case from the i-th (0-based), so that n processes (e.g. one
+            per GPU, ``--device cuda:i``) segment disjoint shares of a folder into one output folder.
 
     Returns:
         the :class:`~stmt_monai.inference.BatchResult` (failed cases with their reasons).
     """
     cascade = Cascade(bundles_dir, device=device, threads=threads, backend=backend, weights=weights)
-    result = segment_folder(cascade, input, output_dir, overwrite=overwrite, preview=preview, progress=progress)
+    result = segment_folder(cascade, input, output_dir, overwrite=overwrite, preview=preview, progress=progress, shard=shard)
     print(
         f"stmt-segment: {len(result.written)} written, {len(result.skipped)} skipped (exist; --overwrite to redo), "
         f"{len(result.failed)} failed -> {os.path.abspath(output_dir)}",

@@ -701,6 +701,26 @@ def failure_reason(case: str | os.PathLike, err: BaseException) -> str:
     return " ".join(f"{type(err).__name__}: {err}".split())
 
 
+def shard_cases(cases: Sequence[Path], shard: str | None) -> list[Path]:
+    """Share ``"i/n"`` of ``cases``: every n-th case from the i-th (0-based).
+
+    n processes (one per GPU, or per machine) given shards ``0/n`` ... ``n-1/n`` segment
+    disjoint sets of cases that together are all of them; ``None`` keeps every case.
+
+    Raises:
+        ValueError: ``shard`` is not ``"i/n"`` with ``0 <= i < n``.
+    """
+    if shard is None:
+        return list(cases)
+    try:
+        index, count = (int(part) for part in str(shard).split("/"))
+    except ValueError:
+        raise ValueError(f"shard must be 'i/n' (e.g. 0/2), got {shard!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard!r}: need 0 <= i < n")
+    return list(cases)[index::count]
+
+
 def segment_folder(
     cascade: Cascade,
     input: str | os.PathLike,
@@ -708,10 +728,12 @@ def segment_folder(
     overwrite: bool = False,
     preview: bool = False,
     progress: bool = True,
+    shard: str | None = None,
 ) -> BatchResult:
     """Segment every case of ``input`` (:func:`list_cases`) into ``output_dir``.
 
-    A case that fails is recorded (path, reason) and the batch goes on.
+    A case that fails is recorded (path, reason) and the batch goes on. With ``shard`` ``"i/n"``
+    only that share of the cases (:func:`shard_cases`), to split a batch across processes.
 
     Returns:
         :class:`BatchResult`; its ``failed`` list is empty when all went well.
@@ -720,7 +742,7 @@ def segment_folder(
 
     result = BatchResult()
     try:
-        cases = list_cases(input)
+        cases = shard_cases(list_cases(input), shard)
     except ImageError as err:
         result.failed.append((str(input), err.problem))
         return result
@@ -757,5 +779,6 @@ __all__ = [
     "save_weights",
     "segment_case",
     "segment_folder",
+    "shard_cases",
     "write_demo_config",
 ]

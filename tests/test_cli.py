@@ -10,6 +10,7 @@ import pytest
 from cascade_helpers import REPO, random_bundles
 
 from stmt_monai.cli import segment, segment_main
+from stmt_monai.inference import shard_cases
 from stmt_monai.io import load_image, save_nifti
 
 
@@ -45,6 +46,24 @@ def test_folder_with_bad_cases_goes_on_and_exits_1(bundles, mixed_folder, tmp_pa
     mask = nib.load(out / "good.nii.gz")
     assert mask.shape == image.shape and np.allclose(mask.affine, affine)
     assert mask.get_data_dtype() == np.uint8
+
+
+def test_shards_split_a_folder_into_disjoint_shares(bundles, real_ct, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b", "c"):
+        (folder / f"{name}_0000.nii.gz").write_bytes(real_ct.read_bytes())
+    out = tmp_path / "out"
+    first = segment(str(folder), str(out), bundles_dir=str(bundles), progress=False, shard="0/2")
+    assert [Path(p).name for p in first.written] == ["a_0000.nii.gz", "c_0000.nii.gz"]
+    with pytest.raises(SystemExit) as exit_info:  # the command line, as a second process would run it
+        segment_main([str(folder), str(out), "--bundles_dir", str(bundles), "--progress", "False", "--shard", "1/2"])
+    assert exit_info.value.code == 0
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == ["a.nii.gz", "b.nii.gz", "c.nii.gz"]
+    assert shard_cases(["x", "y"], None) == ["x", "y"]
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(ValueError, match="shard"):
+            shard_cases(["x"], bad)
 
 
 def test_report_volumes_match_the_written_mask(bundles, real_dicom, tmp_path):
