@@ -140,8 +140,10 @@ def test_pseudo_label_writes_cpl_and_pl_beside_a_datalist(pipeline, cohort):
             annotation, _ = load_label(prepared / job["label"])
             assert record["stream"] == "cpl" and record["annotated_classes"] == list(annotated_organ_classes(annotation))
             assert np.array_equal(pseudo, keep_annotated_tumor(correct_pseudo_label(raw, annotation), annotation))
-        else:
-            assert record["stream"] == "pl" and np.array_equal(pseudo, raw)
+        else:  # unlabelled, or labelled without organs: the teacher's prediction, an annotated tumor written in
+            assert record["stream"] == "pl" and record["annotated_classes"] == []
+            expected = keep_annotated_tumor(raw.copy(), load_label(prepared / job["label"])[0]) if job.get("label") else raw
+            assert np.array_equal(pseudo, expected)
     assert "already done" in pipeline["logs"]["pseudo_label"]
 
 
