@@ -287,6 +287,9 @@ class OnnxNetwork:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads or torch.get_num_threads())
         options.inter_op_num_threads = 1
+        # no memory arena: ONNX Runtime's arena kept every network's peak buffers (peak RSS 6.5 GB
+        # against torch's 4.1 GB for a 512 x 512 x 300 case, measured here)
+        options.enable_cpu_mem_arena = False
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         shape = self.session.get_inputs()[0].shape
