@@ -83,6 +83,12 @@ class ResumableCheckpoint:
             return
         CheckpointLoader(str(self.path), self.save_dict, map_location=self.map_location, strict=True)(engine)
         logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        if engine.state.max_epochs is not None and engine.state.epoch >= engine.state.max_epochs:
+            # a finished run resumes into nothing: say so rather than end silently
+            logger.warning(
+                f"{self.path}: training already finished (epoch {engine.state.epoch} of {engine.state.max_epochs}); "
+                "nothing to train. Delete it to train again from scratch"
+            )
 
     def save(self, engine: Engine) -> None:
         save_checkpoint(self.path, self.save_dict)

@@ -36,3 +36,20 @@ def test_best_checkpoint_uses_key_metric_and_resumes_its_best(tmp_path):
 
 def test_image_path_meta_names_cases_for_metrics_saver():
     assert image_path_meta([{"image_path": "a.nii.gz", "pred": 1}]) == [{"filename_or_obj": "a.nii.gz"}]
+
+
+def test_resuming_a_finished_run_warns_and_trains_nothing(tmp_path, caplog):
+    network = torch.nn.Linear(2, 1)
+    iterations = []
+
+    def trainer():
+        engine = Engine(lambda engine, batch: iterations.append(engine.state.iteration))
+        ResumableCheckpoint(tmp_path, {"network": network, "trainer": engine}).attach(engine)
+        return engine
+
+    trainer().run([0, 1], max_epochs=2)
+    assert len(iterations) == 4 and (tmp_path / "checkpoint_last.pt").is_file()
+    with caplog.at_level("WARNING", logger="stmt_monai.handlers"):
+        trainer().run([0, 1], max_epochs=2)
+    assert len(iterations) == 4  # resumed at epoch 2 of 2: nothing more
+    assert "training already finished (epoch 2 of 2)" in caplog.text
