@@ -43,12 +43,11 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
-from stmt_monai.io import load_label, save_label_map  # noqa: E402
+from stmt_monai.io import load_label  # noqa: E402
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR  # noqa: E402
 from stmt_monai.metrics import dice  # noqa: E402
 from stmt_monai.preprocessing import abdomen_roi, roi_coverage, to_canonical  # noqa: E402
-from stmt_monai.pseudo_label import keep_annotated_tumor  # noqa: E402
-from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label  # noqa: E402
+from stmt_monai.pseudo_label import oracle_pseudo_labels  # noqa: E402
 
 BUNDLE = "bundles/coarse_abdomen"
 REAL_CT = REPO / "stmt_monai" / "example_data" / "abdomen_ct_3mm.nii.gz"
@@ -82,26 +81,6 @@ def run(args: list[str], log_path: Path) -> tuple[str, float]:
         raise SystemExit(f"failed ({log_path}):\n{log[-3000:]}")
     print(f"  {log_path.name}: {time.perf_counter() - start:.0f} s wall, {cpu_s:.0f} s CPU", flush=True)
     return log, cpu_s
-
-
-def oracle_pseudo_labels(root: Path, prepared: Path, out: Path) -> Path:
-    """Pseudo-label datalist (organ teacher's format) with the hidden truth as the teacher."""
-    out.mkdir(parents=True, exist_ok=True)
-    records = []
-    for job in json.loads((prepared / "datalist_pseudo_label_jobs.json").read_text())["training"]:
-        truth, affine = load_label(root / "truth" / f"{job['name']}.nii.gz")
-        pseudo, classes = np.where(truth == TUMOR, 0, truth).astype(np.uint8), ()
-        if job.get("label"):
-            annotation, _ = load_label(prepared / job["label"])
-            classes = annotated_organ_classes(annotation)
-            pseudo = keep_annotated_tumor(correct_pseudo_label(pseudo, annotation, classes), annotation)
-        save_label_map(out / f"{job['name']}.nii.gz", pseudo, affine)
-        records.append({"image": str((prepared / job["image"]).resolve()), "label": f"{job['name']}.nii.gz",
-                        "name": job["name"], "stream": "cpl" if classes else "pl",
-                        "annotated_classes": list(classes), "quality": 1.0})
-    path = out / "datalist_pseudo_labelled.json"
-    path.write_text(json.dumps({"training": records}, indent=1))
-    return path
 
 
 def coverage(labels_path: Path, roi_path: Path) -> dict:

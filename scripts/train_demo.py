@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from stmt_monai.inference import STAGE_BUNDLES, bundle_config, load_weights, save_weights, write_demo_config  # noqa: E402
+from stmt_monai.pseudo_label import oracle_pseudo_labels  # noqa: E402
 
 #: reduced Res-UNet of every demo network: 8 base channels, 4 down-samplings, at most 128
 #: channels (1.42 M parameters, 2.9 MB in fp16; the paper's student has 16.7 M)
@@ -100,43 +101,6 @@ def _run(bundle: Path, workflow: str, overrides: dict, log_dir: Path) -> float:
         sys.exit(f"[train_demo] {bundle.name} {workflow} failed after {seconds:.0f} s; see {log}:\n" + log.read_text()[-3000:])
     print(f"[train_demo] {bundle.name} {workflow}: {seconds:.0f} s", flush=True)
     return seconds
-
-
-def oracle_pseudo_labels(cohort: Path, prepared: Path, out: Path) -> Path:
-    """The pseudo-label datalist the organ teacher would write, with the cohort's hidden truth as
-    the teacher's prediction: same correction and format as
-    ``stmt_monai.pseudo_label.generate_pseudo_labels`` (stream ``cpl`` for partial cases, ``pl``
-    for unlabelled ones)."""
-    import numpy as np
-
-    from stmt_monai.io import load_label, save_label_map
-    from stmt_monai.labels import TUMOR
-    from stmt_monai.pseudo_label import PSEUDO_DATALIST, keep_annotated_tumor
-    from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label
-
-    jobs = json.loads((prepared / "datalist_pseudo_label_jobs.json").read_text())["training"]
-    records = []
-    for job in jobs:
-        truth, affine = load_label(cohort / "truth" / f"{job['name']}.nii.gz")
-        pseudo, classes = np.where(truth == TUMOR, 0, truth).astype(np.uint8), ()  # the teacher predicts organs only
-        if job.get("label"):
-            annotation, _ = load_label(prepared / job["label"])
-            classes = annotated_organ_classes(annotation)
-            pseudo = keep_annotated_tumor(correct_pseudo_label(pseudo, annotation, classes), annotation)
-        save_label_map(out / f"{job['name']}.nii.gz", pseudo, affine)
-        records.append(
-            {
-                "image": str((prepared / job["image"]).resolve()),
-                "label": f"{job['name']}.nii.gz",
-                "name": job["name"],
-                "stream": "cpl" if classes else "pl",
-                "annotated_classes": [int(c) for c in classes],
-                "quality": 1.0,
-            }
-        )
-    path = out / PSEUDO_DATALIST
-    path.write_text(json.dumps({"training": records}, indent=1) + "\n")
-    return path
 
 
 def finalize(bundle: Path, record: dict) -> dict:
@@ -243,7 +207,7 @@ def main(
     elif teacher == "oracle":
         clock = time.perf_counter()
         pseudo.mkdir(parents=True, exist_ok=True)
-        oracle_pseudo_labels(cohort, prepared, pseudo)
+        oracle_pseudo_labels(cohort, prepared, pseudo)  # stmt_monai.pseudo_label
         seconds["pseudo_label"] = time.perf_counter() - clock
     else:
         sys.exit(f"--teacher must be 'oracle' or 'train', got {teacher!r}")

@@ -9,7 +9,6 @@ process (tiny networks gain nothing from more, and a shared CPU loses a lot to o
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -17,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -101,42 +99,8 @@ def run_readme(bundle: str, kind: str, timeout: float = 300, **overrides: str) -
 
 
 def oracle_pseudo_labels(root: Path, prepared: Path, out: Path, max_cpl: int = 3, max_pl: int = 2) -> Path:
-    """A pseudo-label datalist as the organ teacher writes it, with the hidden truth as teacher.
+    """``stmt_monai.pseudo_label.oracle_pseudo_labels`` (the hidden truth as the organ teacher)
+    with at most ``max_cpl`` and ``max_pl`` cases, to keep the tests short."""
+    from stmt_monai.pseudo_label import oracle_pseudo_labels as oracle
 
-    Same format and correction as ``stmt_monai.pseudo_label.generate_pseudo_labels``: the organ
-    prediction (truth without tumor) corrected with the partial annotation, annotated tumor kept
-    (stream ``cpl``), or plain (``pl``); at most ``max_cpl`` and ``max_pl`` cases, to keep the
-    tests short.
-    """
-    from stmt_monai.io import load_label, save_label_map
-    from stmt_monai.labels import TUMOR
-    from stmt_monai.pseudo_label import keep_annotated_tumor
-    from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label
-
-    jobs = json.loads((prepared / "datalist_pseudo_label_jobs.json").read_text())["training"]
-    records, left = [], {"cpl": max_cpl, "pl": max_pl}
-    for job in jobs:
-        truth, affine = load_label(root / "truth" / f"{job['name']}.nii.gz")
-        pseudo, classes = np.where(truth == TUMOR, 0, truth).astype(np.uint8), ()
-        if job.get("label"):
-            annotation, _ = load_label(prepared / job["label"])
-            classes = annotated_organ_classes(annotation)
-            pseudo = keep_annotated_tumor(correct_pseudo_label(pseudo, annotation, classes), annotation)
-        stream = "cpl" if classes else "pl"
-        if not left[stream]:
-            continue
-        left[stream] -= 1
-        save_label_map(out / f"{job['name']}.nii.gz", pseudo, affine)
-        records.append(
-            {
-                "image": str((prepared / job["image"]).resolve()),
-                "label": f"{job['name']}.nii.gz",
-                "name": job["name"],
-                "stream": stream,
-                "annotated_classes": list(classes),
-                "quality": 1.0,
-            }
-        )
-    path = out / "datalist_pseudo_labelled.json"
-    path.write_text(json.dumps({"training": records}, indent=1))
-    return path
+    return oracle(root, prepared, out, max_per_stream={"cpl": max_cpl, "pl": max_pl})
