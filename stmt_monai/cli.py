@@ -32,6 +32,7 @@ def segment(
     weights: str = "auto",
     progress: bool = True,
     shard: str | None = None,
+    amp: bool | None = None,
 ) -> BatchResult:
     """Segment a CT file, a folder of CTs or a DICOM series folder into FLARE label maps.
 
@@ -52,11 +53,12 @@ def segment(
         progress: show a progress bar.
         shard: ``i/n``: only every n-th case from the i-th (0-based), so that n processes (e.g. one
             per GPU, ``--device cuda:i``) segment disjoint shares of a folder into one output folder.
+        amp: fp16 autocast of the networks on CUDA (default there; ``--amp False`` for fp32).
 
     Returns:
         the :class:`~stmt_monai.inference.BatchResult` (failed cases with their reasons).
     """
-    cascade = Cascade(bundles_dir, device=device, threads=threads, backend=backend, weights=weights)
+    cascade = Cascade(bundles_dir, device=device, threads=threads, backend=backend, weights=weights, amp=amp)
     result = segment_folder(cascade, input, output_dir, overwrite=overwrite, preview=preview, progress=progress, shard=shard)
     print(
         f"stmt-segment: {len(result.written)} written, {len(result.skipped)} skipped (exist; --overwrite to redo), "

@@ -148,3 +148,11 @@ def test_openvino_backend_agrees_with_torch(tmp_path, monkeypatch, real_ct):
     assert len(list((tmp_path / "cache" / "openvino").glob("*.xml"))) == 3
     with pytest.raises(ValueError, match="CPU"):
         StageModel.from_bundle(bundles / "organ_selftrain", "organ", device="meta", backend="openvino")
+
+
+def test_amp_is_for_cuda_only(tmp_path):
+    bundles = random_bundles(tmp_path / "bundles")
+    model = StageModel.from_bundle(bundles / "coarse_abdomen", "abdomen")
+    assert model.amp is False and model.settings["amp"] is False  # CPU default: fp32
+    with pytest.raises(ValueError, match="CUDA"):
+        StageModel.from_bundle(bundles / "coarse_abdomen", "abdomen", amp=True)
