@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
+from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
 from stmt_monai.distributed import is_main_process
 from stmt_monai.io import atomic_path
@@ -92,6 +93,26 @@ class ResumableCheckpoint:
 
     def save(self, engine: Engine) -> None:
         save_checkpoint(self.path, self.save_dict)
+
+
+class ValidationHandler(_MonaiValidationHandler):
+    """MONAI's ``ValidationHandler`` that also validates after the last epoch when that epoch is
+    not a multiple of ``interval``.
+
+    With MONAI's own, a run shorter than ``interval`` epochs (e.g. ``--max_epochs 2`` with the
+    bundles' ``val_interval`` 5) never validates, so :class:`BestCheckpoint` never writes
+    ``model.pt``; and the last epochs of any run are never scored. Same arguments as
+    ``monai.handlers.ValidationHandler``; the extra validation is for ``epoch_level`` only.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        super().attach(engine)
+        if self.epoch_level:
+            engine.add_event_handler(Events.COMPLETED, self._after_last_epoch)
+
+    def _after_last_epoch(self, engine: Engine) -> None:
+        if engine.state.epoch % self.interval:
+            self(engine)
 
 
 class BestCheckpoint:

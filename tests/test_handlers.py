@@ -1,10 +1,12 @@
 """stmt_monai.handlers: the best-model checkpoint keeps its best score across a resume."""
 
+import pytest
 import torch
 from ignite.engine import Engine
+from monai.engines import SupervisedEvaluator
 from monai.handlers import CheckpointLoader
 
-from stmt_monai.handlers import BestCheckpoint, ResumableCheckpoint, image_path_meta
+from stmt_monai.handlers import BestCheckpoint, ResumableCheckpoint, ValidationHandler, image_path_meta
 
 
 def _validator(score: float) -> Engine:
@@ -53,3 +55,14 @@ def test_resuming_a_finished_run_warns_and_trains_nothing(tmp_path, caplog):
         trainer().run([0, 1], max_epochs=2)
     assert len(iterations) == 4  # resumed at epoch 2 of 2: nothing more
     assert "training already finished (epoch 2 of 2)" in caplog.text
+
+
+@pytest.mark.parametrize("max_epochs, expected", [(3, [3]), (5, [5]), (7, [5, 7]), (10, [5, 10])])
+def test_validation_handler_also_validates_after_an_off_interval_last_epoch(max_epochs, expected):
+    validated = []
+    validator = SupervisedEvaluator(device="cpu", val_data_loader=[0], network=torch.nn.Identity())
+    validator.run = lambda epoch: validated.append(epoch)  # record the run(global_epoch) calls
+    trainer = Engine(lambda engine, batch: None)
+    ValidationHandler(interval=5, validator=validator).attach(trainer)
+    trainer.run([0], max_epochs=max_epochs)
+    assert validated == expected  # every 5th epoch, plus the last one if it was not among them
