@@ -50,6 +50,7 @@ from stmt_monai.preprocessing import (
     prepare_volume,
     resize,
     restore_label_map,
+    to_canonical,
 )
 
 logger = logging.getLogger(__name__)
@@ -539,26 +540,30 @@ class Cascade:
         image = np.asarray(image, np.float32)
         abdomen, organ, tumor = self.models["abdomen"], self.models["organ"], self.models["tumor"]
         # stage 1: whole volume at 128^3
-        x1, _, geometry1 = prepare_volume(image, affine, abdomen.spatial_size)
+        canonical = to_canonical(image, affine)  # once for the three networks
+        x1, _, geometry1 = prepare_volume(image, affine, abdomen.spatial_size, canonical=canonical)
         mask = abdomen.predict(abdomen.fingerprint.normalize(x1))
         lap("stage1")
         roi = abdomen_roi_from_prediction(mask, geometry1, self.margin_mm, self.min_component_fraction)
         box = (roi["start_voxel"], roi["end_voxel"])
         # stage 2: one crop and resize for both students when their sizes agree
-        x2, _, geometry2 = prepare_volume(image, affine, organ.spatial_size, roi_box=box)
+        x2, _, geometry2 = prepare_volume(image, affine, organ.spatial_size, roi_box=box, canonical=canonical)
         organ_in = organ.fingerprint.normalize(x2)
+        same_size = tumor.spatial_size == organ.spatial_size
+        if same_size:
+            tumor_in = organ_in if tumor.fingerprint == organ.fingerprint else tumor.fingerprint.normalize(x2)
+        else:
+            x3, _, _ = prepare_volume(image, affine, tumor.spatial_size, roi_box=box, canonical=canonical)
+            tumor_in = tumor.fingerprint.normalize(x3)
+            del x3
+        del x2, canonical  # the whole reoriented volume is not needed by the networks
         lap("stage2_input")
         organ_net = largest_component(organ.predict(organ_in))
         lap("organ")
-        if tumor.spatial_size == organ.spatial_size:
-            tumor_in = organ_in if tumor.fingerprint == organ.fingerprint else tumor.fingerprint.normalize(x2)
-            tumor_net = tumor.predict(tumor_in).numpy()
-        else:
-            x3, _, _ = prepare_volume(image, affine, tumor.spatial_size, roi_box=box)
-            tumor_net = tumor.predict(tumor.fingerprint.normalize(x3))
-            # same crop, other size: nearest onto the organ network's grid
-            tumor_net = resize(tumor_net, organ.spatial_size, "nearest").numpy()
-        del x2, organ_in
+        tumor_net = tumor.predict(tumor_in)
+        # same crop, other size: nearest onto the organ network's grid
+        tumor_net = (tumor_net if same_size else resize(tumor_net, organ.spatial_size, "nearest")).numpy()
+        del organ_in, tumor_in
         lap("tumor")
         organ_labels = restore_label_map(organ_net, geometry2)
         if any(r < n for r, n in zip(geometry2.roi_shape, geometry2.network_size)):

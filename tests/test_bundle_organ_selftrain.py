@@ -47,21 +47,9 @@ def run_readme(kind: str, **overrides: str) -> str:
 
 # ----------------------------------------------------------------------------- the pipeline
 @pytest.fixture(scope="module")
-def cohort(request, tmp_path_factory):
-    """A tiny generated cohort and its prepared datalists (the shared ``tiny_cohort`` if there is one)."""
-    try:
-        tiny = request.getfixturevalue("tiny_cohort")
-        return Path(tiny.root), Path(tiny.prepared)
-    except pytest.FixtureLookupError:
-        pass
-    from stmt_monai.cohort import CohortConfig, make_cohort
-    from stmt_monai.triage import triage_dataset
-
-    root = tmp_path_factory.mktemp("organ_selftrain_cohort")
-    config = CohortConfig(num_labelled=6, num_unlabelled=2, num_validation=1, num_test=0, size=32, fully_share=0.34)
-    make_cohort(root, config, seed=0, progress=False)
-    triage_dataset(root, root / "prepared", progress=False)
-    return root, root / "prepared"
+def cohort(tiny_cohort):
+    """The shared tiny generated cohort (tests/conftest.py): ``(root, prepared)``."""
+    return Path(tiny_cohort.root), Path(tiny_cohort.prepared)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 from cascade_helpers import FINGERPRINT, TINY, copy_bundles, random_bundles, trained_bundles
 
 from stmt_monai.inference import (
+    STAGE_BUNDLES,
     Cascade,
     StageModel,
     bundle_config,
@@ -16,9 +17,11 @@ from stmt_monai.inference import (
     output_paths,
     random_weights,
     save_weights,
+    write_demo_config,
 )
 from stmt_monai.io import load_image, load_label
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR
+from stmt_monai.preprocessing import prepare_volume, resize, restore_label_map
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +159,26 @@ def test_amp_is_for_cuda_only(tmp_path):
     assert model.amp is False and model.settings["amp"] is False  # CPU default: fp32
     with pytest.raises(ValueError, match="CUDA"):
         StageModel.from_bundle(bundles / "coarse_abdomen", "abdomen", amp=True)
+
+
+def test_tumor_network_of_another_input_size_gets_its_own_crop(tmp_path, real_ct):
+    """A tumor bundle at 48^3 beside a 32^3 organ bundle: the same ROI is resized to 48^3 for
+    it and its labels come back onto the organ network's grid (nearest) before the overlay."""
+    bundles = copy_bundles(tmp_path / "bundles")
+    write_demo_config(bundles / "tumor_meanteacher", {**TINY, "spatial_size": [48, 48, 48]})
+    for seed, name in enumerate(STAGE_BUNDLES.values()):
+        random_weights(bundles / name, FINGERPRINT, seed=seed)
+    cascade = Cascade(bundles)
+    tumor = cascade.models["tumor"]
+    assert tumor.spatial_size == (48, 48, 48) != cascade.models["organ"].spatial_size
+    result = cascade.segment(real_ct)
+    image, affine = load_image(real_ct)
+    assert result.labels.shape == image.shape
+    # the tumor voxels are exactly the tumor network's own prediction on its own 48^3 crop,
+    # brought to the organ grid and restored (the organs under them do not matter)
+    box = (result.roi["start_voxel"], result.roi["end_voxel"])
+    x3, _, _ = prepare_volume(image, affine, (48, 48, 48), roi_box=box)
+    _, _, geometry2 = prepare_volume(image, affine, (32, 32, 32), roi_box=box)
+    expected = restore_label_map(resize(tumor.predict(tumor.fingerprint.normalize(x3)), (32, 32, 32), "nearest"), geometry2)
+    assert expected.any()  # random weights mark some tumor, so the comparison means something
+    np.testing.assert_array_equal(result.labels == TUMOR, expected == 1)
