@@ -18,18 +18,18 @@ Rows (paper Table 3), every student trained the same way except for its method:
 
 What is shared, and how (the script only wires ``stmt_monai`` objects):
 
-- data: ``stmt_monai.cohort.make_cohort`` (FLARE23 layout, hidden ``truth/``), triaged by
-  ``stmt_monai.triage.triage_dataset`` (datalists and intensity fingerprint); one cohort for all
+- data: ``stmt_monai.synthetic.annotation.make_cohort`` (FLARE23 layout, hidden ``truth/``), triaged by
+  ``stmt_monai.data.triage.triage_dataset`` (datalists and intensity fingerprint); one cohort for all
   seeds, so the seeds measure training noise on a fixed test set and rows compare paired;
 - stage 2 only: each student sees the region of interest of its case: the bounding box (+ margin)
   of the case's *full truth* (a perfect stage 1), for every training and test case of every row;
   test predictions are restored to the test case's own grid (``restore_label_map``) and scored by
-  ``stmt_monai.metrics.flare_case_scores`` (DSC and NSD, FLARE rules) against the full labels;
+  ``stmt_monai.evaluation.metrics.flare_case_scores`` (DSC and NSD, FLARE rules) against the full labels;
   organ maps keep the largest component per class, tumors are laid over organs
-  (``stmt_monai.postprocessing``); rows with one model are scored on its classes only;
+  (``stmt_monai.inference.postprocessing``); rows with one model are scored on its classes only;
 - the organ teacher: ``teacher_network("res_unet_large")`` at reduced width, trained on the fully
   organ labelled cases (whole CT at the cohort's median spacing, random patches, sliding window),
-  then ``stmt_monai.pseudo_label.generate_pseudo_labels`` (CPL for partial cases, PL for the rest);
+  then ``stmt_monai.training.pseudo_label.generate_pseudo_labels`` (CPL for partial cases, PL for the rest);
   one teacher per seed serves both self-training rows of that seed;
 - students: ``res_unet``, ``stage_transforms(..., train=True)`` (the paper's augmentations),
   the optimiser of :class:`Params` (Adam by default, see there) with poly LR decay, a fixed number of iterations per epoch drawn by
@@ -63,26 +63,30 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from ignite.engine import Events  # noqa: E402
 from monai.data import DataLoader, Dataset  # noqa: E402
 from monai.engines import SupervisedTrainer  # noqa: E402
 from monai.handlers import LrScheduleHandler, from_engine  # noqa: E402
 from monai.utils import set_determinism  # noqa: E402
-from ignite.engine import Events  # noqa: E402
 
-from stmt_monai.cohort import CohortConfig, make_cohort  # noqa: E402
-from stmt_monai.engines import MeanTeacherTrainer, SelfTrainingTrainer  # noqa: E402
-from stmt_monai.evaluation import voxel_spacing  # noqa: E402
+from stmt_monai.data.datalists import load_datalist, student_datalist
+from stmt_monai.data.sampling import StreamBatchSampler
+from stmt_monai.data.triage import DATALISTS, triage_dataset
+from stmt_monai.evaluation.metrics import flare_case_scores, summarize
+from stmt_monai.evaluation.scoring import voxel_spacing
+from stmt_monai.inference.postprocessing import largest_component, overlay_tumor
 from stmt_monai.io import load_label, save_label_map, write_text_atomic  # noqa: E402
 from stmt_monai.labels import BACKGROUND, ORGAN_CLASSES, TUMOR  # noqa: E402
-from stmt_monai.losses import CPL, LABELLED, ORGAN_STREAM_WEIGHTS, PL, STREAMS, WeightedStreamsLoss, dice_ce_loss  # noqa: E402
-from stmt_monai.metrics import flare_case_scores, summarize  # noqa: E402
 from stmt_monai.networks import res_unet, sliding_window_inferer, teacher_network  # noqa: E402
-from stmt_monai.postprocessing import largest_component, overlay_tumor  # noqa: E402
-from stmt_monai.preprocessing import CaseGeometry, Fingerprint, restore_label_map  # noqa: E402
-from stmt_monai.pseudo_label import PSEUDO_DATALIST, generate_pseudo_labels, predict_case  # noqa: E402
-from stmt_monai.semisupervision import StreamBatchSampler, ema_teacher, load_datalist, student_datalist  # noqa: E402
-from stmt_monai.transforms import stage_transforms  # noqa: E402
-from stmt_monai.triage import DATALISTS, triage_dataset  # noqa: E402
+from stmt_monai.preprocessing.fingerprint import Fingerprint
+from stmt_monai.preprocessing.geometry import CaseGeometry, restore_label_map
+from stmt_monai.preprocessing.transforms import stage_transforms
+from stmt_monai.synthetic.annotation import make_cohort
+from stmt_monai.synthetic.config import CohortConfig
+from stmt_monai.training.engines import MeanTeacherTrainer, SelfTrainingTrainer
+from stmt_monai.training.losses import CPL, LABELLED, ORGAN_STREAM_WEIGHTS, PL, STREAMS, WeightedStreamsLoss, dice_ce_loss
+from stmt_monai.training.mean_teacher import ema_teacher
+from stmt_monai.training.pseudo_label import PSEUDO_DATALIST, generate_pseudo_labels, predict_case
 
 # ----------------------------------------------------------------------------- the settings
 #: what each organ student is trained on (everything else is shared by all organ students)

@@ -36,9 +36,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
-from stmt_monai.inference import STAGE_BUNDLES, random_weights  # noqa: E402
+from stmt_monai.inference.bundles import STAGE_BUNDLES, random_weights
 from stmt_monai.io import load_image, save_nifti  # noqa: E402
-from stmt_monai.preprocessing import foreground_fingerprint, resize  # noqa: E402
+from stmt_monai.preprocessing.fingerprint import foreground_fingerprint
+from stmt_monai.preprocessing.geometry import resize
 
 EXAMPLE = REPO / "stmt_monai" / "example_data"
 CT, ORGANS = EXAMPLE / "abdomen_ct_3mm.nii.gz", EXAMPLE / "abdomen_ct_3mm_organs.nii.gz"

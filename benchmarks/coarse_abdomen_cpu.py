@@ -10,8 +10,8 @@ shared with other jobs.
 
 Steps, each with the project's own entry points:
 
-1. a synthetic FLARE23-layout cohort (``stmt_monai.cohort.make_cohort``, as ``scripts/make_cohort.py``)
-   and its datalists and fingerprint (``stmt_monai.triage.triage_dataset``, as ``scripts/prepare_data.py``);
+1. a synthetic FLARE23-layout cohort (``stmt_monai.synthetic.annotation.make_cohort``, as ``scripts/make_cohort.py``)
+   and its datalists and fingerprint (``stmt_monai.data.triage.triage_dataset``, as ``scripts/prepare_data.py``);
 2. pseudo labels for the partial and unlabelled cases, in the organ teacher's datalist format, with
    the cohort's hidden truth standing in for the teacher ("oracle teacher": organs of the truth,
    corrected with the partial annotation exactly as ``correct_pseudo_label`` does). The real
@@ -43,11 +43,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
+from stmt_monai.evaluation.metrics import dice
 from stmt_monai.io import load_label  # noqa: E402
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR  # noqa: E402
-from stmt_monai.metrics import dice  # noqa: E402
-from stmt_monai.preprocessing import abdomen_roi, roi_coverage, to_canonical  # noqa: E402
-from stmt_monai.pseudo_label import oracle_pseudo_labels  # noqa: E402
+from stmt_monai.preprocessing.geometry import to_canonical
+from stmt_monai.preprocessing.roi import abdomen_roi, roi_coverage
+from stmt_monai.synthetic.oracle import oracle_pseudo_labels
 
 BUNDLE = "bundles/coarse_abdomen"
 REAL_CT = REPO / "stmt_monai" / "example_data" / "abdomen_ct_3mm.nii.gz"
@@ -118,8 +119,9 @@ def main(
     fresh: bool = True,
 ) -> None:
     """Run the benchmark in ``out`` (removed first when ``fresh``) and print its summary."""
-    from stmt_monai.cohort import CohortConfig, make_cohort
-    from stmt_monai.triage import triage_dataset
+    from stmt_monai.data.triage import triage_dataset
+    from stmt_monai.synthetic.annotation import make_cohort
+    from stmt_monai.synthetic.config import CohortConfig
 
     out = Path(out).resolve()
     if fresh and out.exists():

@@ -5,16 +5,16 @@
 
 The paper's Table 3 ablation (FST 46.69 vs mean teacher 52.08 tumor DSC) at CPU size:
 
-1. a synthetic cohort (``stmt_monai.cohort``): every labelled case tumor annotated, a share of
+1. a synthetic cohort (``stmt_monai.synthetic.anatomy``): every labelled case tumor annotated, a share of
    them (``unannotated_tumor_share``) with a second tumor left out of the annotation (hidden
-   truth in ``truth/``), triaged by ``stmt_monai.triage``;
+   truth in ``truth/``), triaged by ``stmt_monai.data.triage``;
 2. the organ pseudo labels that ``organ_selftrain`` would give as regions of interest are stood
    in for by the hidden truth's organs (``rois/``, an oracle organ student);
 3. each method is trained by the bundle's README train command with the same overrides, only
    ``lambda_cpl`` (0 = FST) and the EMA warm-up differ; one validation at the last epoch, so
    ``models/model.pt`` holds the last student and teacher (no selection on the small validation set);
 4. the bundle's evaluate workflow (test split, each network) writes predictions, scored with the
-   FLARE rules (``stmt_monai.metrics.flare_case_scores``: DSC, NSD at 2 mm, empty-empty = 1);
+   FLARE rules (``stmt_monai.evaluation.metrics.flare_case_scores``: DSC, NSD at 2 mm, empty-empty = 1);
 5. the bundle's inference workflow segments the training cases that hold an unannotated tumor;
    an unannotated tumor (a connected component of the truth's tumor with no annotated voxel) is
    *detected* if the prediction overlaps it.
@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from stmt_monai.io import load_image, load_label, save_label_map  # noqa: E402
+from stmt_monai.io import load_label, save_label_map  # noqa: E402
 from stmt_monai.labels import TUMOR  # noqa: E402
 
 BUNDLE = REPO / "bundles" / "tumor_meanteacher"
@@ -106,8 +106,9 @@ def make_data(
     seed: int,
 ) -> dict:
     """Cohort, triage and oracle ROIs (made once; reused when ``work/cohort/policy.json`` exists)."""
-    from stmt_monai.cohort import CohortConfig, make_cohort
-    from stmt_monai.triage import triage_dataset
+    from stmt_monai.data.triage import triage_dataset
+    from stmt_monai.synthetic.annotation import make_cohort
+    from stmt_monai.synthetic.config import CohortConfig
 
     cohort = work / "cohort"
     if not (cohort / "policy.json").exists():
@@ -141,7 +142,7 @@ def make_data(
 
 def test_scores(pred_dir: Path, cohort: Path) -> dict:
     """FLARE tumor DSC / NSD of every test prediction against the full test labels."""
-    from stmt_monai.metrics import flare_case_scores
+    from stmt_monai.evaluation.metrics import flare_case_scores
 
     dsc, nsd = [], []
     for truth_path in sorted((cohort / "test" / "labels").glob("*.nii.gz")):
@@ -160,7 +161,7 @@ def detection(pred_dir: Path, cohort: Path, names: list[str]) -> dict:
     (so that a prediction of tumor everywhere does not pass for detection)."""
     import cc3d
 
-    from stmt_monai.metrics import dice
+    from stmt_monai.evaluation.metrics import dice
 
     found = {"unannotated": [0, 0], "annotated": [0, 0]}
     dsc, false_components = [], 0

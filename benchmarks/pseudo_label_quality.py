@@ -6,8 +6,8 @@
 Reads the job's datalist (``<pseudo_dir>/datalist_pseudo_labelled.json``, training and excluded
 cases), the uncorrected predictions (``<pseudo_dir>/raw/``, written by the ``pseudo_label``
 workflow with ``--keep_raw True``), the written pseudo labels, and the synthetic cohort's hidden
-full truth (``<cohort_dir>/truth/<case>.nii.gz``, ``stmt_monai.cohort``). Per case, the DSC of each
-of the 13 organs (``stmt_monai.metrics.dice``: FLARE's rule, both empty = 1, one empty = 0) is
+full truth (``<cohort_dir>/truth/<case>.nii.gz``, ``stmt_monai.synthetic.anatomy``). Per case, the DSC of each
+of the 13 organs (``stmt_monai.evaluation.metrics.dice``: FLARE's rule, both empty = 1, one empty = 0) is
 averaged into the organ DSC, as FLARE summarises; the table gives its mean per stream for the raw
 and the written (corrected) pseudo labels, split into annotated (A) and unannotated classes for
 the partial cases, and how well the quality score (teacher confidence) ranks the cases (Spearman
@@ -24,10 +24,10 @@ import fire
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
+from stmt_monai.evaluation.metrics import dice
 from stmt_monai.io import load_label  # noqa: E402
 from stmt_monai.labels import ORGAN_CLASSES  # noqa: E402
-from stmt_monai.metrics import dice  # noqa: E402
-from stmt_monai.pseudo_label import PSEUDO_DATALIST, RAW_DIR  # noqa: E402
+from stmt_monai.training.pseudo_label import PSEUDO_DATALIST, RAW_DIR
 
 
 def organ_dice(truth: np.ndarray, labels: np.ndarray) -> dict[int, float]:

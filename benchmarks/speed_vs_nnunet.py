@@ -222,7 +222,7 @@ def make_case(work_dir: Path, shape: tuple[int, int, int] = CASE_SHAPE) -> tuple
         ``align_corners=False``), so the spacing is ``3 mm * old / new`` per axis.
     """
     from stmt_monai.io import load_image, load_label, save_nifti
-    from stmt_monai.preprocessing import resize
+    from stmt_monai.preprocessing.geometry import resize
 
     work_dir.mkdir(parents=True, exist_ok=True)
     name = "x".join(str(s) for s in shape)
@@ -306,14 +306,14 @@ def paper_size_bundles(work_dir: Path) -> Path:
     """Copies of the three stage bundles with random weights at the paper's sizes.
 
     The configs are copied (``models/`` left out) into ``work_dir/bundles`` and
-    :func:`stmt_monai.inference.random_weights` writes each network's initial state there
+    :func:`stmt_monai.inference.bundles.random_weights` writes each network's initial state there
     (``weights="trained"``: ``common.json``'s sizes, 128^3 / 192^3, 16 base channels), so the
     repository's ``bundles/`` is never written to.
     """
     import shutil
 
-    from stmt_monai.inference import STAGE_BUNDLES, random_weights
-    from stmt_monai.preprocessing import Fingerprint
+    from stmt_monai.inference.bundles import STAGE_BUNDLES, random_weights
+    from stmt_monai.preprocessing.fingerprint import Fingerprint
 
     bundles = work_dir / "bundles"
     fingerprint = Fingerprint(lower=-1000.0, upper=1500.0, mean=60.0, std=180.0)  # typical CT numbers; timing only
@@ -330,11 +330,12 @@ def _cascade_worker(config_file: str) -> None:
     ``stmt-segment`` also writes a per-case report (organ volumes, one row per tumor
     component); with random weights the tumor network predicts noise, i.e. thousands of
     "tumors", and that report then dominates the run, which says nothing about the cascade's
-    cost. So this runs :func:`stmt_monai.inference.segment_case` with ``report=False``, as the
-    command does otherwise (same :class:`~stmt_monai.inference.Cascade`, same mask writing).
+    cost. So this runs :func:`stmt_monai.inference.batch.segment_case` with ``report=False``, as the
+    command does otherwise (same :class:`~stmt_monai.inference.cascade.Cascade`, same mask writing).
     """
     cfg = json.loads(Path(config_file).read_text())
-    from stmt_monai.inference import Cascade, segment_case
+    from stmt_monai.inference.batch import segment_case
+    from stmt_monai.inference.cascade import Cascade
 
     cascade = Cascade(cfg["bundles_dir"], threads=cfg["threads"], weights="trained")
     done = segment_case(cascade, cfg["case"], cfg["output_dir"], overwrite=True, report=False)

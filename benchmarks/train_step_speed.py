@@ -36,10 +36,10 @@ from ignite.engine import Events
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
-from stmt_monai.engines import MeanTeacherTrainer, SelfTrainingTrainer  # noqa: E402
-from stmt_monai.losses import ORGAN_STREAM_WEIGHTS, TUMOR_STREAM_WEIGHTS, WeightedStreamsLoss, dice_ce_loss  # noqa: E402
 from stmt_monai.networks import count_parameters, res_unet, teacher_network, teacher_roi_size  # noqa: E402
-from stmt_monai.semisupervision import STREAMS, ema_teacher  # noqa: E402
+from stmt_monai.training.engines import MeanTeacherTrainer, SelfTrainingTrainer
+from stmt_monai.training.losses import ORGAN_STREAM_WEIGHTS, STREAMS, TUMOR_STREAM_WEIGHTS, WeightedStreamsLoss, dice_ce_loss
+from stmt_monai.training.mean_teacher import ema_teacher
 
 #: (input size, batch size, classes) of each workflow: the bundles' defaults (paper Table 2)
 WORKFLOWS = {

@@ -8,14 +8,14 @@ Per case: wall time (start-up and model loading included), CPU time, peak RSS of
 tree, and on a GPU (NVML, ``pip install 'stmt-monai[gpu]'``) the maximum and the area under the
 curve of device memory sampled every 0.1 s as total minus free. Writes ``efficiency.csv``,
 ``efficiency_summary.csv``, ``efficiency.md`` and ``logs/`` into ``report_dir`` (default
-``output_dir``) and prints the summary table. See :func:`stmt_monai.efficiency.measure_folder`.
+``output_dir``) and prints the summary table. See :func:`stmt_monai.evaluation.efficiency.measure_folder`.
 """
 
 from __future__ import annotations
 
 import fire
 
-from stmt_monai.efficiency import efficiency_markdown, measure_folder
+from stmt_monai.evaluation.efficiency import efficiency_markdown, measure_folder
 
 
 def main(

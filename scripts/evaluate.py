@@ -6,7 +6,7 @@
 Files pair by case name (``<case>.nii.gz`` in both folders). Writes ``per_case.csv``,
 ``summary.csv``, ``summary.md`` and ``problems.csv`` into ``out_dir`` (default
 ``<pred_dir>/eval``) and prints the summary table; a missing or mismatched case is listed,
-not fatal. See :func:`stmt_monai.evaluation.evaluate_folder`.
+not fatal. See :func:`stmt_monai.evaluation.scoring.evaluate_folder`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import fire
 
-from stmt_monai.evaluation import evaluate_folder, summary_markdown
+from stmt_monai.evaluation.scoring import evaluate_folder, summary_markdown
 from stmt_monai.labels import LABELS
 
 

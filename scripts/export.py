@@ -15,7 +15,7 @@ import logging
 
 import fire
 
-from stmt_monai.export import FORMATS, export_bundle
+from stmt_monai.inference.export import FORMATS, export_bundle
 
 
 def main(bundle_root: str, weights: str = "auto", formats: str | tuple = ",".join(FORMATS), check: bool = True) -> None:

@@ -1,9 +1,9 @@
-"""Generate a synthetic FLARE23-like cohort from the shipped real CT (stmt_monai.cohort).
+"""Generate a synthetic FLARE23-like cohort from the shipped real CT (stmt_monai.synthetic.anatomy).
 
     python scripts/make_cohort.py --out data/cohort --num_labelled 60 --num_unlabelled 24 \
         --num_validation 8 --num_test 8 --size 96 --seed 0 [--workers 2] [--preview docs/cohort_examples.png]
 
-Any other field of ``stmt_monai.cohort.CohortConfig`` can be set the same way (``--fully_share 0.2``).
+Any other field of ``stmt_monai.synthetic.config.CohortConfig`` can be set the same way (``--fully_share 0.2``).
 Prints the triage-style counts of the annotation policy, the time taken and the disk used.
 ``--preview PATH`` also draws three of the generated cases with their full truth
 (``docs/cohort_examples.png`` is made with the defaults and ``--preview``).
@@ -20,8 +20,10 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from stmt_monai.cohort import CohortConfig, cohort_preview, make_cohort  # noqa: E402
-from stmt_monai.triage import format_table  # noqa: E402
+from stmt_monai.data.triage import format_table
+from stmt_monai.synthetic.annotation import make_cohort
+from stmt_monai.synthetic.config import CohortConfig
+from stmt_monai.synthetic.preview import cohort_preview
 
 
 def main(out: str = "data/cohort", seed: int = 0, workers: int = 1, preview: str | None = None, progress: bool = True, **config) -> None:

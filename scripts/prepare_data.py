@@ -1,4 +1,4 @@
-"""Triage a dataset into the paper's categories and write every stage's datalists (stmt_monai.triage).
+"""Triage a dataset into the paper's categories and write every stage's datalists (stmt_monai.data.triage).
 
     python scripts/prepare_data.py --data_root data/cohort --out_dir data/cohort/prepared
 
@@ -16,7 +16,7 @@ import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from stmt_monai.triage import triage_dataset  # noqa: E402
+from stmt_monai.data.triage import triage_dataset
 
 
 def main(

@@ -5,14 +5,14 @@
 
 Steps (the paper's order, each one its bundle's own workflow run by ``python -m monai.bundle run``):
 
-1. a synthetic FLARE23-like cohort from the shipped real CT (``stmt_monai.cohort``) and its
-   triage into the paper's categories, datalists and fingerprint (``stmt_monai.triage``);
-2. ``configs/demo.json`` in each stage bundle (:func:`stmt_monai.inference.write_demo_config`):
+1. a synthetic FLARE23-like cohort from the shipped real CT (``stmt_monai.synthetic.anatomy``) and its
+   triage into the paper's categories, datalists and fingerprint (``stmt_monai.data.triage``);
+2. ``configs/demo.json`` in each stage bundle (:func:`stmt_monai.inference.bundles.write_demo_config`):
    the reduced networks (:data:`DEMO_NETWORK`, :data:`DEMO_SIZES`) and ``ckpt_dir`` =
    ``models/demo``; every training run below layers it last, and the cascade layers it when it
    loads the demo weights, so both build the same network;
 3. pseudo labels for the partially labelled and unlabelled cases, corrected with the partial
-   annotations (``stmt_monai.semisupervision.correct_pseudo_label``, annotated tumors kept):
+   annotations (``stmt_monai.training.self_training.correct_pseudo_label``, annotated tumors kept):
    by default (``--teacher oracle``) the synthetic cohort's hidden full truth stands in for the
    organ teacher's prediction, because a teacher worth its name does not train in minutes on a
    CPU (30 epochs of a small one still scored a validation Dice of 0 here);
@@ -45,8 +45,8 @@ import fire
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from stmt_monai.inference import STAGE_BUNDLES, bundle_config, load_weights, save_weights, write_demo_config  # noqa: E402
-from stmt_monai.pseudo_label import oracle_pseudo_labels  # noqa: E402
+from stmt_monai.inference.bundles import STAGE_BUNDLES, bundle_config, load_weights, save_weights, write_demo_config
+from stmt_monai.synthetic.oracle import oracle_pseudo_labels
 
 #: reduced Res-UNet of every demo network: 8 base channels, 4 down-samplings, at most 128
 #: channels (1.42 M parameters, 2.9 MB in fp16; the paper's student has 16.7 M)
@@ -168,8 +168,9 @@ def main(
             others keep their demo weights.
         bundles_dir: where the stage bundles are (default the repository's ``bundles/``).
     """
-    from stmt_monai.cohort import CohortConfig, make_cohort
-    from stmt_monai.triage import triage_dataset
+    from stmt_monai.data.triage import triage_dataset
+    from stmt_monai.synthetic.annotation import make_cohort
+    from stmt_monai.synthetic.config import CohortConfig
 
     start = time.perf_counter()
     work = Path(work_dir).resolve()
@@ -207,7 +208,7 @@ def main(
     elif teacher == "oracle":
         clock = time.perf_counter()
         pseudo.mkdir(parents=True, exist_ok=True)
-        oracle_pseudo_labels(cohort, prepared, pseudo)  # stmt_monai.pseudo_label
+        oracle_pseudo_labels(cohort, prepared, pseudo)  # stmt_monai.training.pseudo_label
         seconds["pseudo_label"] = time.perf_counter() - clock
     else:
         sys.exit(f"--teacher must be 'oracle' or 'train', got {teacher!r}")

@@ -1,4 +1,4 @@
-"""``stmt-segment``: the StMt cascade on the command line (python-fire over :mod:`stmt_monai.inference`).
+"""``stmt-segment``: the StMt cascade on the command line (python-fire over :mod:`stmt_monai.inference.cascade`).
 
     stmt-segment CT.nii.gz out/                     # one file
     stmt-segment scans/ out/ --preview              # every case of a folder, with PNG previews
@@ -17,7 +17,8 @@ import logging
 import os
 import sys
 
-from stmt_monai.inference import BatchResult, Cascade, segment_folder
+from stmt_monai.inference.batch import BatchResult, segment_folder
+from stmt_monai.inference.cascade import Cascade
 
 
 def segment(
@@ -56,7 +57,7 @@ def segment(
         amp: fp16 autocast of the networks on CUDA (default there; ``--amp False`` for fp32).
 
     Returns:
-        the :class:`~stmt_monai.inference.BatchResult` (failed cases with their reasons).
+        the :class:`~stmt_monai.inference.batch.BatchResult` (failed cases with their reasons).
     """
     cascade = Cascade(bundles_dir, device=device, threads=threads, backend=backend, weights=weights, amp=amp)
     result = segment_folder(cascade, input, output_dir, overwrite=overwrite, preview=preview, progress=progress, shard=shard)

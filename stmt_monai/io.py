@@ -31,6 +31,9 @@ class ImageError(ValueError):
         self.problem = " ".join(str(problem).split())  # one line
         super().__init__(f"{self.path}: {self.problem}")
 
+    def __reduce__(self):  # picklable, so a worker process can report it
+        return type(self), (self.path, self.problem)
+
 
 def case_name(path: str | os.PathLike) -> str:
     """FLARE case name of an image path: ``FLARE23_0001_0000.nii.gz`` -> ``FLARE23_0001``.

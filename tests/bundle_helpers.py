@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 SCHEMA = REPO / "stmt_monai" / "resources" / "meta_schema_20240725.json"
@@ -99,8 +98,8 @@ def run_readme(bundle: str, kind: str, timeout: float = 300, **overrides: str) -
 
 
 def oracle_pseudo_labels(root: Path, prepared: Path, out: Path, max_cpl: int = 3, max_pl: int = 2) -> Path:
-    """``stmt_monai.pseudo_label.oracle_pseudo_labels`` (the hidden truth as the organ teacher)
+    """``stmt_monai.synthetic.oracle.oracle_pseudo_labels`` (the hidden truth as the organ teacher)
     with at most ``max_cpl`` and ``max_pl`` cases, to keep the tests short."""
-    from stmt_monai.pseudo_label import oracle_pseudo_labels as oracle
+    from stmt_monai.synthetic.oracle import oracle_pseudo_labels as oracle
 
     return oracle(root, prepared, out, max_per_stream={"cpl": max_cpl, "pl": max_pl})

@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stmt_monai.inference import STAGE_BUNDLES, bundle_config, random_weights, save_weights, write_demo_config
+from stmt_monai.inference.bundles import STAGE_BUNDLES, bundle_config, random_weights, save_weights, write_demo_config
 from stmt_monai.io import load_image, load_label
-from stmt_monai.losses import dice_ce_loss
-from stmt_monai.preprocessing import Fingerprint, foreground_fingerprint, prepare_volume
-from stmt_monai.transforms import target_lookup
+from stmt_monai.preprocessing.fingerprint import Fingerprint, foreground_fingerprint
+from stmt_monai.preprocessing.stage_input import prepare_volume
+from stmt_monai.preprocessing.transforms import target_lookup
+from stmt_monai.training.losses import dice_ce_loss
 
 REPO = Path(__file__).resolve().parents[1]
 #: tiny networks: 32^3 inputs, 3 down-samplings, 8 base channels capped at 32

@@ -37,8 +37,9 @@ SMALL_COHORT = dict(num_labelled=12, num_unlabelled=4, num_validation=2, num_tes
 
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory) -> Path:
-    """A synthetic FLARE23-layout cohort (stmt_monai.cohort), seed 0, 48 voxels a side; read only."""
-    from stmt_monai.cohort import CohortConfig, make_cohort
+    """A synthetic FLARE23-layout cohort (stmt_monai.synthetic.anatomy), seed 0, 48 voxels a side; read only."""
+    from stmt_monai.synthetic.annotation import make_cohort
+    from stmt_monai.synthetic.config import CohortConfig
 
     out = tmp_path_factory.mktemp("cohort") / "cohort"
     make_cohort(out, CohortConfig(**SMALL_COHORT), seed=0, progress=False)
@@ -47,12 +48,12 @@ def small_cohort(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cohort(small_cohort, tmp_path_factory):
-    """:func:`small_cohort` triaged (stmt_monai.triage): ``.root`` the FLARE23 layout,
+    """:func:`small_cohort` triaged (stmt_monai.data.triage): ``.root`` the FLARE23 layout,
     ``.prepared`` its datalists (``datalist_fully_labelled.json``, ``datalist_pseudo_label_jobs.json``,
     ``datalist_tumor.json``, ``datalist_validation.json``) and ``fingerprint.json``; read only."""
     from types import SimpleNamespace
 
-    from stmt_monai.triage import triage_dataset
+    from stmt_monai.data.triage import triage_dataset
 
     prepared = tmp_path_factory.mktemp("prepared") / "prepared"
     triage_dataset(small_cohort, prepared, progress=False)

@@ -25,7 +25,7 @@ from monai.bundle import ConfigParser
 
 from stmt_monai.io import case_name, load_image
 from stmt_monai.labels import ABDOMEN_CHANNELS
-from stmt_monai.preprocessing import to_canonical
+from stmt_monai.preprocessing.geometry import to_canonical
 
 NAME = "coarse_abdomen"
 BUNDLE = REPO / "bundles" / NAME

@@ -24,8 +24,8 @@ from bundle_helpers import run_readme as _run_readme
 from stmt_monai.io import load_label, save_label_map
 from stmt_monai.labels import ORGAN_CHANNELS, TUMOR
 from stmt_monai.networks import teacher_roi_size
-from stmt_monai.pseudo_label import PSEUDO_DATALIST, RAW_DIR, keep_annotated_tumor
-from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label
+from stmt_monai.training.pseudo_label import PSEUDO_DATALIST, RAW_DIR, keep_annotated_tumor
+from stmt_monai.training.self_training import annotated_organ_classes, correct_pseudo_label
 
 NAME = "organ_selftrain"
 BUNDLE = REPO / "bundles" / NAME

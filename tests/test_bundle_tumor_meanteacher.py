@@ -1,6 +1,6 @@
 """bundles/tumor_meanteacher: the EMA teacher, the real-time correction, and the README commands.
 
-The engine tests run :class:`stmt_monai.engines.MeanTeacherTrainer` for one iteration on tiny
+The engine tests run :class:`stmt_monai.training.engines.MeanTeacherTrainer` for one iteration on tiny
 networks and check the numbers (EMA formula, corrected extra target). The bundle tests run train,
 evaluate and inference as subprocesses exactly as the bundle's docs/README.md writes them, with
 size overrides (32^3, 3 down-samplings, 4 base channels), on the shared tiny generated cohort
@@ -20,12 +20,13 @@ import torch
 from bundle_helpers import REPO, TINY
 from bundle_helpers import run_readme as _run_readme
 
-from stmt_monai.engines import MeanTeacherTrainer
+from stmt_monai.data.datalists import attach_roi
 from stmt_monai.io import load_image, load_label, save_label_map
 from stmt_monai.labels import TUMOR
-from stmt_monai.losses import CPL, LABELLED, TUMOR_STREAM_WEIGHTS, WeightedStreamsLoss
-from stmt_monai.semisupervision import attach_roi, correct_tumor_pseudo_label, ema_teacher, sigmoid_rampup
-from stmt_monai.transforms import WHOLE_IMAGE_ROI, LoadStageInputd, ToFlareLabelsd
+from stmt_monai.preprocessing.transforms import WHOLE_IMAGE_ROI, LoadStageInputd, ToFlareLabelsd
+from stmt_monai.training.engines import MeanTeacherTrainer
+from stmt_monai.training.losses import CPL, LABELLED, TUMOR_STREAM_WEIGHTS, WeightedStreamsLoss
+from stmt_monai.training.mean_teacher import correct_tumor_pseudo_label, ema_teacher, sigmoid_rampup
 
 NAME = "tumor_meanteacher"
 BUNDLE = REPO / "bundles" / NAME

@@ -10,7 +10,7 @@ import pytest
 from cascade_helpers import REPO, random_bundles
 
 from stmt_monai.cli import segment, segment_main
-from stmt_monai.inference import shard_cases
+from stmt_monai.inference.batch import shard_cases
 from stmt_monai.io import load_image, save_nifti
 
 

@@ -1,4 +1,4 @@
-"""The synthetic FLARE23-like cohort (stmt_monai.cohort): reproducibility, policy, labels, anatomy."""
+"""The synthetic FLARE23-like cohort (stmt_monai.synthetic.anatomy): reproducibility, policy, labels, anatomy."""
 
 import json
 import time
@@ -8,21 +8,15 @@ import numpy as np
 import pytest
 from conftest import SMALL_COHORT
 
-from stmt_monai.cohort import (
-    ANNOTATION_KINDS,
-    OUTSIDE,
-    CohortConfig,
-    annotation_plan,
-    case_files,
-    cohort_preview,
-    generate_case,
-    make_cohort,
-    source_volume,
-    synthesize_case,
-)
+from stmt_monai.inference.preview import overlay_figure
 from stmt_monai.io import load_image, load_label
 from stmt_monai.labels import KIDNEYS, ORGAN_CLASSES, ORGANS, TUMOR, TUMOR_HOST_ORGANS, label_name
-from stmt_monai.visualize import overlay_figure
+from stmt_monai.synthetic.anatomy import source_volume
+from stmt_monai.synthetic.annotation import annotation_plan, case_files, make_cohort
+from stmt_monai.synthetic.case import generate_case, synthesize_case
+from stmt_monai.synthetic.config import ANNOTATION_KINDS, CohortConfig
+from stmt_monai.synthetic.preview import cohort_preview
+from stmt_monai.synthetic.tumors import OUTSIDE
 
 BY_NAME = {name: label for label, name in ORGANS.items()}
 CONFIG = CohortConfig(**SMALL_COHORT)

@@ -39,7 +39,7 @@ from bundle_helpers import (
 from cascade_helpers import TINY as TINY_NETWORKS
 from cascade_helpers import random_bundles
 
-from stmt_monai.inference import STAGE_BUNDLES, load_weights
+from stmt_monai.inference.bundles import STAGE_BUNDLES, load_weights
 from stmt_monai.labels import ALL_CHANNELS, label_name, stage_channels, stage_output_map
 
 #: bundle -> the stage its network predicts (the cascade: the final FLARE label map)

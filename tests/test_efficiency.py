@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stmt_monai.efficiency import (
+from stmt_monai.evaluation.efficiency import (
     EFFICIENCY_CSV,
     SUMMARY_CSV,
     SUMMARY_MD,

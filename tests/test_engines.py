@@ -1,12 +1,12 @@
-"""stmt_monai.engines: the self-training trainer's per-stream loss and per-epoch batch order."""
+"""stmt_monai.training.engines: the self-training trainer's per-stream loss and per-epoch batch order."""
 
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader
 
-from stmt_monai.engines import SelfTrainingTrainer
-from stmt_monai.losses import WeightedStreamsLoss
-from stmt_monai.semisupervision import StreamBatchSampler
+from stmt_monai.data.sampling import StreamBatchSampler
+from stmt_monai.training.engines import SelfTrainingTrainer
+from stmt_monai.training.losses import WeightedStreamsLoss
 
 
 def test_self_training_trainer_draws_new_batches_every_epoch_and_logs_stream_terms():

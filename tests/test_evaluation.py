@@ -12,17 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stmt_monai.evaluation import (
-    PER_CASE_CSV,
-    PROBLEMS_CSV,
-    SUMMARY_CSV,
-    SUMMARY_MD,
-    evaluate_folder,
-    voxel_spacing,
-)
+from stmt_monai.evaluation.metrics import flare_case_scores
+from stmt_monai.evaluation.scoring import PER_CASE_CSV, PROBLEMS_CSV, SUMMARY_CSV, SUMMARY_MD, evaluate_folder, voxel_spacing
 from stmt_monai.io import save_label_map
 from stmt_monai.labels import LABELS, TUMOR
-from stmt_monai.metrics import flare_case_scores
 
 REPO = Path(__file__).resolve().parents[1]
 LIVER, SPLEEN, AORTA, GALLBLADDER = 1, 3, 5, 9

@@ -1,4 +1,4 @@
-"""stmt_monai.export and the cascade's ``torchscript`` / ``onnx`` backends: real ``ckpt_export``,
+"""stmt_monai.inference.export and the cascade's ``torchscript`` / ``onnx`` backends: real ``ckpt_export``,
 real ``torch.onnx.export`` and ONNX Runtime, on the real CT.
 
 The stage bundles are copied with reduced networks (``configs/demo.json``, random weights, see
@@ -15,10 +15,13 @@ import pytest
 import torch
 from cascade_helpers import FINGERPRINT, random_bundles
 
-from stmt_monai.export import AxiswiseInstanceNorm, bundle_network, example_input, export_bundle, max_abs_difference
-from stmt_monai.inference import STAGE_BUNDLES, Cascade, StageModel, exported_path, weights_path
+from stmt_monai.inference.backends import exported_path
+from stmt_monai.inference.bundles import STAGE_BUNDLES, weights_path
+from stmt_monai.inference.cascade import Cascade
+from stmt_monai.inference.export import AxiswiseInstanceNorm, bundle_network, example_input, export_bundle, max_abs_difference
+from stmt_monai.inference.stage import StageModel
 from stmt_monai.io import load_image
-from stmt_monai.preprocessing import prepare_volume
+from stmt_monai.preprocessing.stage_input import prepare_volume
 
 #: reduced networks, still 4 down-samplings at 64^3 (the demo weights' shape, 4 base channels)
 REDUCED = {"base_channels": 4, "num_downsamplings": 4, "network_def#max_channels": 64, "spatial_size": [64, 64, 64]}

@@ -1,4 +1,4 @@
-"""stmt_monai.handlers: the best-model checkpoint keeps its best score across a resume."""
+"""stmt_monai.training.handlers: the best-model checkpoint keeps its best score across a resume."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from ignite.engine import Engine
 from monai.engines import SupervisedEvaluator
 from monai.handlers import CheckpointLoader
 
-from stmt_monai.handlers import BestCheckpoint, ResumableCheckpoint, ValidationHandler, image_path_meta
+from stmt_monai.training.handlers import BestCheckpoint, ResumableCheckpoint, ValidationHandler, image_path_meta
 
 
 def _validator(score: float) -> Engine:
@@ -51,7 +51,7 @@ def test_resuming_a_finished_run_warns_and_trains_nothing(tmp_path, caplog):
 
     trainer().run([0, 1], max_epochs=2)
     assert len(iterations) == 4 and (tmp_path / "checkpoint_last.pt").is_file()
-    with caplog.at_level("WARNING", logger="stmt_monai.handlers"):
+    with caplog.at_level("WARNING", logger="stmt_monai.training.handlers"):
         trainer().run([0, 1], max_epochs=2)
     assert len(iterations) == 4  # resumed at epoch 2 of 2: nothing more
     assert "training already finished (epoch 2 of 2)" in caplog.text

@@ -1,4 +1,4 @@
-"""stmt_monai.inference: the cascade on real files (NIfTI and DICOM), with tiny networks."""
+"""stmt_monai.inference.cascade: the cascade on real files (NIfTI and DICOM), with tiny networks."""
 
 
 import cc3d
@@ -7,21 +7,14 @@ import pytest
 import torch
 from cascade_helpers import FINGERPRINT, TINY, copy_bundles, random_bundles, trained_bundles
 
-from stmt_monai.inference import (
-    STAGE_BUNDLES,
-    Cascade,
-    StageModel,
-    bundle_config,
-    list_cases,
-    load_weights,
-    output_paths,
-    random_weights,
-    save_weights,
-    write_demo_config,
-)
+from stmt_monai.inference.batch import list_cases, output_paths
+from stmt_monai.inference.bundles import STAGE_BUNDLES, bundle_config, load_weights, random_weights, save_weights, write_demo_config
+from stmt_monai.inference.cascade import Cascade
+from stmt_monai.inference.stage import StageModel
 from stmt_monai.io import load_image, load_label
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR
-from stmt_monai.preprocessing import prepare_volume, resize, restore_label_map
+from stmt_monai.preprocessing.geometry import resize, restore_label_map
+from stmt_monai.preprocessing.stage_input import prepare_volume
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of stmt_monai.losses: the weighted per-stream objective of the paper's eq. (1) and (2)."""
+"""Tests of stmt_monai.training.losses: the weighted per-stream objective of the paper's eq. (1) and (2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.losses import DiceCELoss
 
-from stmt_monai.losses import (
+from stmt_monai.training.losses import (
     CPL,
     LABELLED,
     ORGAN_STREAM_WEIGHTS,

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import surface_distance
 
-from stmt_monai.labels import LABELS, NSD_TOLERANCE_MM, ORGAN_CLASSES, ORGANS, SLICE_RANGE_CLASSES, TUMOR
-from stmt_monai.metrics import (
+from stmt_monai.evaluation.metrics import (
     NSD_DSC_THRESHOLD,
     dice,
     flare_case_scores,
@@ -19,6 +18,7 @@ from stmt_monai.metrics import (
     summarize,
     surfel_area_table,
 )
+from stmt_monai.labels import LABELS, NSD_TOLERANCE_MM, ORGAN_CLASSES, ORGANS, SLICE_RANGE_CLASSES, TUMOR
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ORGANS = "abdomen_ct_3mm_organs.nii.gz"

@@ -18,28 +18,28 @@ import pytest
 import torch
 from bundle_helpers import TINY, oracle_pseudo_labels, readme_commands, run_readme
 
-from stmt_monai.losses import CPL, LABELLED, PL
-from stmt_monai.semisupervision import StreamBatchSampler
+from stmt_monai.data.sampling import StreamBatchSampler
+from stmt_monai.training.losses import CPL, LABELLED, PL
 
 pytestmark = pytest.mark.slow
 
 #: per-rank output folders (test-only: in a real run every rank shares one folder)
 PER_RANK = {
-    "ckpt_dir": "$@bundle_root + '/models_rank' + str(stmt_monai.distributed.rank())",
-    "log_dir": "$@bundle_root + '/logs_rank' + str(stmt_monai.distributed.rank())",
+    "ckpt_dir": "$@bundle_root + '/models_rank' + str(stmt_monai.training.distributed.rank())",
+    "log_dir": "$@bundle_root + '/logs_rank' + str(stmt_monai.training.distributed.rank())",
 }
 
 
 def dump_config(path: Path, modules: dict[str, str]) -> Path:
     """A config layered last: ``finalize`` saves ``{name: state_dict}`` of each rank to
     ``<bundle_root>/final_rank<r>.pt``, then leaves the process group as the bundle's does."""
-    state = "{" + ", ".join(f"'{name}': stmt_monai.handlers._state_dict({ref})" for name, ref in modules.items()) + "}"
+    state = "{" + ", ".join(f"'{name}': stmt_monai.training.handlers._state_dict({ref})" for name, ref in modules.items()) + "}"
     path.write_text(
         json.dumps(
             {
                 "finalize": [
-                    f"$torch.save({state}, @bundle_root + '/final_rank' + str(stmt_monai.distributed.rank()) + '.pt')",
-                    "$stmt_monai.distributed.destroy_distributed()",
+                    f"$torch.save({state}, @bundle_root + '/final_rank' + str(stmt_monai.training.distributed.rank()) + '.pt')",
+                    "$stmt_monai.training.distributed.destroy_distributed()",
                 ]
             }
         )

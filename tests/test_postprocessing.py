@@ -1,12 +1,12 @@
-"""stmt_monai.postprocessing: largest component per organ class, tumor overlay."""
+"""stmt_monai.inference.postprocessing: largest component per organ class, tumor overlay."""
 
 import numpy as np
 import pytest
 import torch
 from monai.transforms import KeepLargestConnectedComponent
 
+from stmt_monai.inference.postprocessing import largest_component, overlay_tumor
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR
-from stmt_monai.postprocessing import largest_component, overlay_tumor
 
 
 def test_largest_component_keeps_the_biggest_piece_of_each_organ():

@@ -6,19 +6,13 @@ import pytest
 import torch
 from nibabel import orientations
 
-from stmt_monai.io import ImageError, load_image, load_label, save_label_map
+from stmt_monai.io import load_image, load_label, save_label_map
 from stmt_monai.labels import TUMOR
-from stmt_monai.preprocessing import (
-    CaseGeometry,
-    Fingerprint,
-    abdomen_roi,
-    foreground_fingerprint,
-    orientation_codes,
-    prepare_volume,
-    restore_label_map,
-    to_canonical,
-)
-from stmt_monai.transforms import LoadStageInputd, RestoreLabelMapd, stage_transforms
+from stmt_monai.preprocessing.fingerprint import Fingerprint, foreground_fingerprint
+from stmt_monai.preprocessing.geometry import CaseGeometry, orientation_codes, restore_label_map, to_canonical
+from stmt_monai.preprocessing.roi import abdomen_roi
+from stmt_monai.preprocessing.stage_input import prepare_volume
+from stmt_monai.preprocessing.transforms import LoadStageInputd, RestoreLabelMapd, stage_transforms
 
 LIVER, RIGHT_KIDNEY, SPLEEN, LEFT_KIDNEY = 1, 2, 3, 13
 
@@ -179,7 +173,7 @@ def _flip_to_lps(image, affine):
 
 
 def test_abdomen_roi_from_prediction_maps_box_and_drops_small_far_components():
-    from stmt_monai.preprocessing import abdomen_roi_from_prediction
+    from stmt_monai.preprocessing.roi import abdomen_roi_from_prediction
 
     # canonical 100 x 80 x 60 voxels of 2 x 2 x 4 mm, network grid 50 x 40 x 30 (factor 2 per axis)
     geometry = CaseGeometry((100, 80, 60), np.diag([2.0, 2.0, 4.0, 1.0]), np.array([[0, 1], [1, 1], [2, 1]]),
@@ -203,7 +197,8 @@ def test_abdomen_roi_from_prediction_maps_box_and_drops_small_far_components():
 
 def test_stage1_roi_covers_real_organs_in_any_orientation(real_ct, real_organs):
     """A perfect 128^3 abdomen mask gives a ROI holding every organ voxel of the real CT."""
-    from stmt_monai.preprocessing import STAGE1_SIZE, abdomen_roi_from_prediction, roi_coverage
+    from stmt_monai.preprocessing.roi import abdomen_roi_from_prediction, roi_coverage
+    from stmt_monai.preprocessing.stage_input import STAGE1_SIZE
 
     image, affine = load_image(real_ct)
     labels, _ = load_label(real_organs, image.shape, affine)
@@ -228,7 +223,7 @@ def test_stage1_roi_covers_real_organs_in_any_orientation(real_ct, real_organs):
 
 
 def test_abdomen_roid_writes_roi_json_and_load_targetd_reads_input_grid(real_ct, real_organs, tmp_path):
-    from stmt_monai.transforms import AbdomenRoid, LoadTargetd
+    from stmt_monai.preprocessing.transforms import AbdomenRoid, LoadTargetd
 
     fp = Fingerprint(lower=-300, upper=300, mean=0, std=100)
     case = stage_transforms("abdomen", fp, (64, 64, 64))({"image": str(real_ct), "label": str(real_organs)})

@@ -1,7 +1,7 @@
 """Steps 2-3 of self-training: the correction rule, the pseudo-label job, the student's batches
 and its weighted loss (paper section 2.2, eq. (1); SPEC.md "Organs by self-training").
 
-The correction rule is tested on hand-made arrays; the job (``stmt_monai.pseudo_label``) on a
+The correction rule is tested on hand-made arrays; the job (``stmt_monai.training.pseudo_label``) on a
 tiny generated cohort with teachers whose output is known exactly.
 """
 
@@ -20,22 +20,13 @@ from monai.bundle import ConfigParser
 from monai.data import DataLoader, Dataset
 from monai.inferers import SimpleInferer
 
+from stmt_monai.data.datalists import student_datalist
+from stmt_monai.data.sampling import StreamBatchSampler
 from stmt_monai.io import load_label, save_label_map
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR
-from stmt_monai.losses import CPL, LABELLED, ORGAN_STREAM_WEIGHTS, PL, WeightedStreamsLoss, dice_ce_loss
-from stmt_monai.pseudo_label import (
-    PSEUDO_DATALIST,
-    RAW_DIR,
-    generate_pseudo_labels,
-    keep_annotated_tumor,
-    teacher_confidence,
-)
-from stmt_monai.semisupervision import (
-    StreamBatchSampler,
-    annotated_organ_classes,
-    correct_pseudo_label,
-    student_datalist,
-)
+from stmt_monai.training.losses import CPL, LABELLED, ORGAN_STREAM_WEIGHTS, PL, WeightedStreamsLoss, dice_ce_loss
+from stmt_monai.training.pseudo_label import PSEUDO_DATALIST, RAW_DIR, generate_pseudo_labels, keep_annotated_tumor, teacher_confidence
+from stmt_monai.training.self_training import annotated_organ_classes, correct_pseudo_label
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "organ_selftrain" / "configs"

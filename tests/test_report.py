@@ -1,4 +1,4 @@
-"""stmt_monai.report: organ volumes and mean HU, tumors with RECIST diameters and host organs."""
+"""stmt_monai.inference.report: organ volumes and mean HU, tumors with RECIST diameters and host organs."""
 
 import csv
 import json
@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from stmt_monai.inference.report import axial_axis, case_report, host_organ, longest_axial_diameter, write_report
 from stmt_monai.labels import ORGANS, TUMOR
-from stmt_monai.report import axial_axis, case_report, host_organ, longest_axial_diameter, write_report
 
 SPACING = (0.8, 1.2, 2.5)  # anisotropic in-plane pixels on purpose
 AFFINE = np.diag([*SPACING, 1.0])

@@ -1,4 +1,4 @@
-"""Triage (stmt_monai.triage, scripts/prepare_data.py): categories, datalists, failures."""
+"""Triage (stmt_monai.data.triage, scripts/prepare_data.py): categories, datalists, failures."""
 
 import gzip
 import json
@@ -13,10 +13,10 @@ import pytest
 from monai.data import load_decathlon_datalist
 from monai.transforms import LoadImaged
 
+from stmt_monai.data.triage import FULLY, NON_ORGAN, PARTIAL, category_counts, organ_category, triage_dataset
 from stmt_monai.io import load_label
 from stmt_monai.labels import KIDNEYS, ORGAN_CLASSES, TUMOR
-from stmt_monai.preprocessing import Fingerprint
-from stmt_monai.triage import FULLY, NON_ORGAN, PARTIAL, category_counts, organ_category, triage_dataset
+from stmt_monai.preprocessing.fingerprint import Fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 

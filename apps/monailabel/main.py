@@ -28,7 +28,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import strtobool
 
 import stmt_monai
-from stmt_monai.inference import STAGE_BUNDLES, WEIGHTS
+from stmt_monai.inference.bundles import STAGE_BUNDLES, WEIGHTS
 from stmt_monai.labels import LABELS
 
 logger = logging.getLogger(__name__)

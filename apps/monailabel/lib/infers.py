@@ -1,6 +1,6 @@
 """MONAI Label inference tasks over the repository's bundles.
 
-- :class:`CascadeInferTask`: the ``cascade`` bundle (``stmt_monai.inference.Cascade``: coarse
+- :class:`CascadeInferTask`: the ``cascade`` bundle (``stmt_monai.inference.cascade.Cascade``: coarse
   abdomen, then the organ and tumor students on the region of interest), CT in, FLARE label
   map (0 background, 1..13 organs, 14 tumor) out on the input's grid.
 - :class:`StageBundleInferTask`: one stage bundle alone (``coarse_abdomen``, ``organ_selftrain``,
@@ -29,12 +29,12 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
-from stmt_monai.inference import Cascade, bundle_config
-from stmt_monai.inference import weights_path  # the file StageModel loads
+from stmt_monai.inference.bundles import bundle_config, weights_path
+from stmt_monai.inference.cascade import Cascade
 from stmt_monai.io import save_label_map
 from stmt_monai.labels import stage_output_map
-from stmt_monai.preprocessing import CaseGeometry
-from stmt_monai.transforms import GEOMETRY, SaveLabelMapd
+from stmt_monai.preprocessing.geometry import CaseGeometry
+from stmt_monai.preprocessing.transforms import GEOMETRY, SaveLabelMapd
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def write_label_map(labels: np.ndarray, affine: np.ndarray) -> str:
 class CascadeInferTask(InferTask):
     """The ``cascade`` bundle as one MONAI Label model: CT in, FLARE label map out.
 
-    Builds the bundle's ``cascade`` id (:class:`stmt_monai.inference.Cascade` over the stage
+    Builds the bundle's ``cascade`` id (:class:`stmt_monai.inference.cascade.Cascade` over the stage
     bundles it names) once per device, at the first request (or at start with ``preload``).
     Labels are the bundle's metadata ``channel_def`` of its first output, as MONAI Label reads
     bundles.

@@ -30,10 +30,9 @@ import monai.bundle
 from monai.bundle import ConfigParser
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
-from stmt_monai.inference import DEMO_CONFIG, bundle_config
-from stmt_monai.inference import weights_path  # the file StageModel loads
-from stmt_monai.losses import LABELLED
-from stmt_monai.transforms import STREAM
+from stmt_monai.inference.bundles import DEMO_CONFIG, bundle_config, weights_path
+from stmt_monai.preprocessing.transforms import STREAM
+from stmt_monai.training.losses import LABELLED
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class StageBundleTrainTask(BundleTrainTask):
         path: the bundle folder.
         conf: the server's ``--conf`` pairs.
         weights: ``"auto"``, ``"trained"`` or ``"demo"``: which network (and weights file) the app
-            serves, hence trains (see :func:`stmt_monai.inference.bundle_config`).
+            serves, hence trains (see :func:`stmt_monai.inference.bundles.bundle_config`).
     """
 
     def __init__(self, path: str | os.PathLike, conf: dict[str, str], weights: str = "auto"):

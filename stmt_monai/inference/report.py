@@ -1,4 +1,5 @@
-"""Per-case report of a FLARE label map: organ volumes and mean HU, tumors with RECIST diameters.
+"""[from report.py]
+Per-case report of a FLARE label map: organ volumes and mean HU, tumors with RECIST diameters.
 
 :func:`case_report` measures a label map on its own grid (the cascade's output, with the input's
 affine) and :func:`write_report` writes it as JSON and CSV (atomically):
@@ -28,8 +29,12 @@ from stmt_monai.labels import ORGAN_CLASSES, ORGANS, TUMOR, TUMOR_NAME
 
 #: slices of the volume per step when summing HU (bounds the float64 temporaries)
 _SLAB = 32
+
+
 #: lesions measured one by one (largest first); RECIST itself follows at most 5 target lesions
 MAX_LESIONS = 100
+
+
 CSV_FIELDS = ("kind", "label", "name", "voxels", "volume_ml", "mean_hu", "longest_axial_diameter_mm", "host_organ")
 
 
@@ -282,18 +287,3 @@ def write_report(report: dict, json_path: str | os.PathLike, csv_path: str | os.
         writer.writerows(report_rows(report))
         written_csv = write_text_atomic(csv_path, buffer.getvalue())
     return written_json, written_csv
-
-
-__all__ = [
-    "CSV_FIELDS",
-    "MAX_LESIONS",
-    "axial_axis",
-    "case_report",
-    "host_organ",
-    "label_statistics",
-    "longest_axial_diameter",
-    "report_rows",
-    "tumor_lesions",
-    "voxel_volume_ml",
-    "write_report",
-]

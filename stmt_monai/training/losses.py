@@ -1,4 +1,5 @@
-"""The training objectives of StMt: Dice + cross-entropy per stream of training data, weighted.
+"""[from losses.py]
+The training objectives of StMt: Dice + cross-entropy per stream of training data, weighted.
 
 Paper section 2.2 (SPEC.md, "Organs by self-training", "Tumors by mean teacher"):
 
@@ -25,10 +26,15 @@ from monai.losses import DiceCELoss
 #: names of the streams of training data (paper Fig. 2): annotated cases, cases whose pseudo
 #: label was corrected with their partial annotation, cases with a plain pseudo label
 LABELLED, CPL, PL = "labelled", "cpl", "pl"
+
+
 STREAMS = (LABELLED, CPL, PL)
+
 
 #: paper eq. (1), section 3.2: L_o = L_ol + lambda1 * L_cpl + lambda2 * L_pl, lambda1 = 1, lambda2 = 0.5
 ORGAN_STREAM_WEIGHTS: MappingProxyType = MappingProxyType({LABELLED: 1.0, CPL: 1.0, PL: 0.5})
+
+
 #: paper eq. (2), section 3.2: L_t = L_tl + lambda * L_cpl, lambda = 1 (no unlabelled data for tumors)
 TUMOR_STREAM_WEIGHTS: MappingProxyType = MappingProxyType({LABELLED: 1.0, CPL: 1.0})
 

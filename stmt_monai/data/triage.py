@@ -1,4 +1,5 @@
-"""Triage of a training set into the paper's data categories, and the datalists of each stage.
+"""[from triage.py]
+Triage of a training set into the paper's data categories, and the datalists of each stage.
 
 SPEC.md, "Data categories" (the paper's Fig. 1): every training case is sorted twice, by its
 organ labels into *fully organ labelled* (all 13 organ classes present in the label map),
@@ -21,7 +22,7 @@ unreadable files, and writes into ``out_dir``:
   dataset has one, else a held-out share of the fully labelled cases, chosen by the SHA-1 of
   the case name (deterministic, stable when cases are added) and left out of every training
   datalist and of the fingerprint;
-- ``fingerprint.json``: :func:`stmt_monai.preprocessing.foreground_fingerprint` over a
+- ``fingerprint.json``: :func:`stmt_monai.preprocessing.fingerprint.foreground_fingerprint` over a
   deterministic sample (SHA-1 order, at most ``fingerprint_cases``) of the labelled training
   cases whose label has any foreground voxel.
 
@@ -50,7 +51,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from stmt_monai.io import NIFTI_SUFFIXES, ImageError, case_name, load_image, load_label, write_text_atomic
+from stmt_monai.io import (
+    NIFTI_SUFFIXES,
+    ImageError,
+    case_name,
+    load_image,
+    load_label,
+    write_text_atomic,
+)
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR
 
 #: FLARE23 folder layout (relative to the dataset root), shared with the synthetic cohort
@@ -64,11 +72,21 @@ LAYOUT: dict[str, str] = {
     "test_labels": "test/labels",
     "truth": "truth",
 }
+
+
 #: other spellings of the unlabelled folder that are accepted
 UNLABELLED_FOLDERS = ("unlabeled", "unlabelled", "unlabeledTr", "unlabelledTr")
+
+
 FULLY, PARTIAL, NON_ORGAN = "fully_organ_labelled", "partially_organ_labelled", "non_organ_labelled"
+
+
 ORGAN_CATEGORIES = (FULLY, PARTIAL, NON_ORGAN)
+
+
 TUMOR_ANNOTATED, NOT_TUMOR_ANNOTATED = "tumor_annotated", "not_tumor_annotated"
+
+
 DATALISTS = {
     "fully_labelled": "datalist_fully_labelled.json",
     "pseudo_label_jobs": "datalist_pseudo_label_jobs.json",
@@ -433,7 +451,7 @@ def _fingerprint(cases: list[CaseRecord], max_cases: int, seed: int, failed: lis
     A case whose image turns out unreadable here is moved to ``failed`` (and dropped from
     ``cases``), and the fingerprint is retried without it.
     """
-    from stmt_monai.preprocessing import foreground_fingerprint
+    from stmt_monai.preprocessing.fingerprint import foreground_fingerprint
 
     while True:
         usable = [c for c in cases if c.labelled and not c.held_out and (c.organs or c.tumor)]

@@ -1,4 +1,5 @@
-"""Ignite handlers of StMt bundles: atomic checkpoints, resume, best model.
+"""[from handlers.py]
+Ignite handlers of StMt bundles: atomic checkpoints, resume, best model.
 
 MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a kill during a save can
 leave a truncated file that the next run fails to load. These handlers write to a temporary
@@ -18,8 +19,8 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
-from stmt_monai.distributed import is_main_process
 from stmt_monai.io import atomic_path
+from stmt_monai.training.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ class BestCheckpoint:
 def image_path_meta(batch: Sequence[Mapping]) -> list[dict]:
     """``MetricsSaver(batch_transform=...)``: each decollated item's input path as its file name.
 
-    :class:`stmt_monai.transforms.LoadStageInputd` keeps the input path under ``image_path``
+    :class:`stmt_monai.preprocessing.transforms.LoadStageInputd` keeps the input path under ``image_path``
     (its tensors carry no MONAI meta data), which is what ``MetricsSaver`` names cases by.
     """
     return [{"filename_or_obj": item["image_path"]} for item in batch]
@@ -178,7 +179,7 @@ def loss_terms(output: Sequence[Mapping] | Mapping) -> dict[str, float]:
     its per-stream terms.
 
     Args:
-        output: the trainer's (decollated) iteration output; :class:`stmt_monai.engines.SelfTrainingTrainer`
+        output: the trainer's (decollated) iteration output; :class:`stmt_monai.training.engines.SelfTrainingTrainer`
             puts the unweighted terms there as ``loss_labelled``, ``loss_cpl``, ``loss_pl``.
 
     Returns:

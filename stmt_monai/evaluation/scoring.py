@@ -1,7 +1,8 @@
-"""Score a folder of predicted label maps against a folder of ground truth, as FLARE23 does.
+"""[from evaluation.py]
+Score a folder of predicted label maps against a folder of ground truth, as FLARE23 does.
 
 SPEC.md, "Evaluation: the official FLARE23 rules". The scores themselves come from
-:mod:`stmt_monai.metrics` (DSC, NSD, the empty / DSC < 0.2 / slice-range rules, the summary);
+:mod:`stmt_monai.evaluation.metrics` (DSC, NSD, the empty / DSC < 0.2 / slice-range rules, the summary);
 this module pairs the files, reads one case at a time, lists every case it cannot score with a
 one-line reason instead of stopping, and writes the tables.
 
@@ -22,14 +23,27 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from stmt_monai.io import ITK_SUFFIXES, NIFTI_SUFFIXES, ImageError, case_name, load_label, write_text_atomic
+from stmt_monai.evaluation.metrics import flare_case_scores, scores_to_rows, summarize
+from stmt_monai.io import (
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    ImageError,
+    case_name,
+    load_label,
+    write_text_atomic,
+)
 from stmt_monai.labels import LABELS, ORGAN_CLASSES, TUMOR, label_name
-from stmt_monai.metrics import flare_case_scores, scores_to_rows, summarize
 
 #: files written by :func:`evaluate_folder` into ``out_dir``
 PER_CASE_CSV = "per_case.csv"
+
+
 SUMMARY_CSV = "summary.csv"
+
+
 SUMMARY_MD = "summary.md"
+
+
 PROBLEMS_CSV = "problems.csv"
 
 
@@ -83,7 +97,7 @@ def score_case(
             orientation would otherwise be scored voxel by voxel against the wrong anatomy).
 
     Returns:
-        ``{label: {"dsc", "nsd"}}`` as :func:`stmt_monai.metrics.flare_case_scores`.
+        ``{label: {"dsc", "nsd"}}`` as :func:`stmt_monai.evaluation.metrics.flare_case_scores`.
 
     Raises:
         ImageError: either file unreadable or not a FLARE label map, or the prediction's
@@ -118,9 +132,9 @@ def evaluate_folder(
         progress: show a progress bar.
 
     Returns:
-        ``(rows, summary, problems)``: ``rows`` from :func:`stmt_monai.metrics.scores_to_rows`
+        ``(rows, summary, problems)``: ``rows`` from :func:`stmt_monai.evaluation.metrics.scores_to_rows`
         (one per case and class: case, label, name, dsc, nsd, as fractions in [0, 1]);
-        ``summary`` from :func:`stmt_monai.metrics.summarize`; ``problems`` one
+        ``summary`` from :func:`stmt_monai.evaluation.metrics.summarize`; ``problems`` one
         ``{"case", "reason"}`` per case left out, the reason one line.
     """
     classes = (int(classes),) if isinstance(classes, (int, np.integer)) else tuple(int(c) for c in classes)
@@ -164,7 +178,7 @@ def summary_rows(summary: Mapping) -> list[dict]:
     """Summary as table rows: each class, then the organ mean (before the tumor), as fractions.
 
     Args:
-        summary: the result of :func:`stmt_monai.metrics.summarize`.
+        summary: the result of :func:`stmt_monai.evaluation.metrics.summarize`.
 
     Returns:
         ``{"label", "name", "dsc", "nsd"}`` per row; the organ row has label ``"organs"`` and

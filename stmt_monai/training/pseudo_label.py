@@ -1,16 +1,17 @@
-"""Pseudo labels of the self-training teacher: steps 2 and 3 of self-training (paper Fig. 2a).
+"""[from pseudo_label.py]
+Pseudo labels of the self-training teacher: steps 2 and 3 of self-training (paper Fig. 2a).
 
 SPEC.md, "Organs by self-training": the teacher, trained on the fully organ labelled cases,
 predicts every partially labelled and unlabelled case; a partial case's prediction is corrected
-with its annotation (:func:`stmt_monai.semisupervision.correct_pseudo_label`, the paper's exact
+with its annotation (:func:`stmt_monai.training.self_training.correct_pseudo_label`, the paper's exact
 rule) into a *corrected pseudo label* (CPL); an unlabelled case keeps its plain *pseudo label*
 (PL). :func:`generate_pseudo_labels` is the batch job behind the ``pseudo_label`` workflow of
 ``bundles/organ_selftrain``:
 
 - one case at a time (nothing is held all at once), the teacher's fixed-spacing whole-CT input
-  from :func:`stmt_monai.transforms.stage_transforms` (no region-of-interest crop: unlabelled
+  from :func:`stmt_monai.preprocessing.transforms.stage_transforms` (no region-of-interest crop: unlabelled
   cases have none before stage 1), sliding-window inference, argmax, back to the file's own
-  grid (:func:`stmt_monai.preprocessing.restore_label_map`), correction at the annotation's own
+  grid (:func:`stmt_monai.preprocessing.geometry.restore_label_map`), correction at the annotation's own
   resolution, atomic NIfTI write;
 - resumable: a case whose pseudo label and datalist record exist is skipped; the datalist is
   rewritten (atomically) after every case, so a killed job leaves a valid datalist;
@@ -37,16 +38,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stmt_monai.data.datalists import load_datalist
 from stmt_monai.io import case_name, load_label, save_label_map, write_text_atomic
 from stmt_monai.labels import TUMOR
-from stmt_monai.losses import CPL, PL
-from stmt_monai.preprocessing import CaseGeometry, Fingerprint, restore_label_map
-from stmt_monai.semisupervision import annotated_organ_classes, correct_pseudo_label, load_datalist
+from stmt_monai.preprocessing.fingerprint import Fingerprint
+from stmt_monai.preprocessing.geometry import CaseGeometry, restore_label_map
+from stmt_monai.training.losses import CPL, PL
+from stmt_monai.training.self_training import (
+    annotated_organ_classes,
+    correct_pseudo_label,
+)
 
 logger = logging.getLogger(__name__)
 
+
 #: file name of the job's output datalist, in the pseudo-label folder
 PSEUDO_DATALIST = "datalist_pseudo_labelled.json"
+
+
 #: sub-folder of the uncorrected teacher predictions (``keep_raw=True``)
 RAW_DIR = "raw"
 
@@ -182,7 +191,7 @@ def generate_pseudo_labels(
     ``teacher_spacing_mm``, clipped and z-scored with ``fingerprint``), sliding-window
     prediction, argmax, restored to the file's grid. With an annotation (``label``), the set A
     of annotated organ classes is taken from it and the prediction is corrected
-    (:func:`~stmt_monai.semisupervision.correct_pseudo_label`), then annotated tumor voxels are
+    (:func:`~stmt_monai.training.self_training.correct_pseudo_label`), then annotated tumor voxels are
     written in (:func:`keep_annotated_tumor`): stream ``"cpl"``. Without annotated organs, the
     prediction is kept as is: stream ``"pl"``.
 
@@ -215,11 +224,11 @@ def generate_pseudo_labels(
     The datalist (MONAI format, paths relative to ``out_dir``) is
     ``{"training": [{"image", "label", "name", "stream", "annotated_classes", "quality"}, ...],
     "excluded_low_quality": [...], "failed": [...], ...}``, read by
-    :func:`stmt_monai.semisupervision.student_datalist`.
+    :func:`stmt_monai.data.datalists.student_datalist`.
     """
     from tqdm import tqdm
 
-    from stmt_monai.transforms import stage_transforms
+    from stmt_monai.preprocessing.transforms import stage_transforms
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -316,70 +325,3 @@ def generate_pseudo_labels(
     for failure in failed:
         logger.info(f"failed: {failure['name']}: {failure['error']}")
     return summary
-
-
-__all__ = [
-    "PSEUDO_DATALIST",
-    "RAW_DIR",
-    "generate_pseudo_labels",
-    "keep_annotated_tumor",
-    "predict_case",
-    "teacher_confidence",
-]
-
-
-def oracle_pseudo_labels(
-    cohort_root: str | os.PathLike,
-    prepared_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    max_per_stream: Mapping[str, int] | None = None,
-) -> Path:
-    """Pseudo labels of a *synthetic* cohort with its hidden full truth standing in for the
-    organ teacher's prediction (benchmarks, tests and the demo weights; a real dataset has no
-    hidden truth, and :func:`generate_pseudo_labels` is the real step).
-
-    Same correction and output format as :func:`generate_pseudo_labels`: the "prediction" is
-    the truth without tumor (the teacher predicts organs only); a job with an annotation is
-    corrected with it (:func:`~stmt_monai.semisupervision.correct_pseudo_label`) and its
-    annotated tumor written in (stream ``cpl`` if it annotates organs, else ``pl``).
-
-    Args:
-        cohort_root: the cohort folder (``stmt_monai.cohort.make_cohort``; ``truth/<case>.nii.gz``).
-        prepared_dir: triage output (``datalist_pseudo_label_jobs.json``; paths relative to it).
-        out_dir: where ``<case>.nii.gz`` and :data:`PSEUDO_DATALIST` are written.
-        max_per_stream: at most this many cases of a stream (e.g. ``{"cpl": 3, "pl": 2}``), to
-            keep tests short; default all.
-
-    Returns:
-        The datalist's path.
-    """
-    root, prepared, out = Path(cohort_root), Path(prepared_dir), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    left = dict(max_per_stream) if max_per_stream is not None else None
-    records = []
-    for job in json.loads((prepared / "datalist_pseudo_label_jobs.json").read_text())["training"]:
-        truth, affine = load_label(root / "truth" / f"{job['name']}.nii.gz")
-        pseudo, classes = np.where(truth == TUMOR, 0, truth).astype(np.uint8), ()
-        if job.get("label"):
-            annotation, _ = load_label(prepared / job["label"])
-            classes = annotated_organ_classes(annotation)
-            pseudo = keep_annotated_tumor(correct_pseudo_label(pseudo, annotation, classes), annotation)
-        stream = CPL if classes else PL
-        if left is not None:
-            if not left.get(stream):
-                continue
-            left[stream] -= 1
-        save_label_map(out / f"{job['name']}.nii.gz", pseudo, affine)
-        records.append(
-            {
-                "image": str((prepared / job["image"]).resolve()),
-                "label": f"{job['name']}.nii.gz",
-                "name": job["name"],
-                "stream": stream,
-                "annotated_classes": [int(c) for c in classes],
-                "quality": 1.0,
-            }
-        )
-    path = out / PSEUDO_DATALIST
-    write_text_atomic(path, json.dumps({"training": records}, indent=1) + "\n")
-    return path

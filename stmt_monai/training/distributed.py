@@ -1,4 +1,5 @@
-"""torch.distributed for the bundles' ``multi_gpu_*.json`` configs (one process per GPU, by torchrun).
+"""[from distributed.py]
+torch.distributed for the bundles' ``multi_gpu_*.json`` configs (one process per GPU, by torchrun).
 
 The model-zoo convention: ``torchrun --nproc_per_node N -m monai.bundle run ...`` with a
 ``multi_gpu_train.json`` layered over the bundle's training config. The config calls
@@ -77,16 +78,3 @@ def destroy_distributed() -> None:
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
-
-
-__all__ = [
-    "default_backend",
-    "destroy_distributed",
-    "device_ids",
-    "init_distributed",
-    "is_distributed",
-    "is_main_process",
-    "local_device",
-    "rank",
-    "world_size",
-]

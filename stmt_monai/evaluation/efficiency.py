@@ -1,4 +1,5 @@
-"""FLARE-style efficiency of a segmentation command: one process per case, as the challenge runs.
+"""[from efficiency.py]
+FLARE-style efficiency of a segmentation command: one process per case, as the challenge runs.
 
 SPEC.md, "Evaluation", efficiency: the running time of a case includes start-up and model
 loading, so every case is a fresh process and its wall time is taken from start to exit. On a
@@ -33,13 +34,25 @@ from tqdm import tqdm
 from stmt_monai.io import ITK_SUFFIXES, NIFTI_SUFFIXES, case_name, write_text_atomic
 
 MB = 2**20
+
+
 #: FLARE23 tolerated 15 s and 4 GB of GPU memory per case (SPEC.md)
 FLARE23_TIME_LIMIT_S = 15.0
+
+
 FLARE23_GPU_LIMIT_MB = 4096.0
+
+
 #: columns of a per-case measurement, in table order
 MEASURES = ("wall_s", "cpu_s", "peak_rss_mb", "maxrss_mb", "gpu_max_mb", "gpu_auc_mb_s")
+
+
 EFFICIENCY_CSV = "efficiency.csv"
+
+
 SUMMARY_CSV = "efficiency_summary.csv"
+
+
 SUMMARY_MD = "efficiency.md"
 
 

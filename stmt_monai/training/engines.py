@@ -1,4 +1,5 @@
-"""Training engines of StMt: MONAI's ``SupervisedTrainer`` with the paper's two objectives.
+"""[from engines.py]
+Training engines of StMt: MONAI's ``SupervisedTrainer`` with the paper's two objectives.
 
 - :class:`SelfTrainingTrainer`: the student of self-training (stage 1 and organs). Each batch
   mixes fully labelled, CPL and PL cases; the loss sees each item's stream, eq. (1):
@@ -20,7 +21,8 @@ import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 
-from stmt_monai.semisupervision import CPL, LABELLED, correct_tumor_pseudo_label, sigmoid_rampup
+from stmt_monai.training.losses import CPL, LABELLED
+from stmt_monai.training.mean_teacher import correct_tumor_pseudo_label, sigmoid_rampup
 
 
 class SelfTrainingTrainer(SupervisedTrainer):
@@ -28,13 +30,13 @@ class SelfTrainingTrainer(SupervisedTrainer):
 
     The iteration output also holds the unweighted term of each stream present in the batch,
     ``loss_labelled``, ``loss_cpl``, ``loss_pl`` (``WeightedStreamsLoss.last_terms``), which
-    :func:`stmt_monai.handlers.loss_terms` hands to the stats and TensorBoard handlers.
+    :func:`stmt_monai.training.handlers.loss_terms` hands to the stats and TensorBoard handlers.
 
     Args:
         stream_key: batch key holding each item's stream name (``"labelled"``, ``"cpl"``, ``"pl"``),
             collated as a list of strings.
         *args, **kwargs: as ``monai.engines.SupervisedTrainer``; ``loss_function`` is a
-            :class:`stmt_monai.losses.WeightedStreamsLoss`.
+            :class:`stmt_monai.training.losses.WeightedStreamsLoss`.
     """
 
     def __init__(self, *args, stream_key: str = "stream", **kwargs):
@@ -68,12 +70,12 @@ class MeanTeacherTrainer(SupervisedTrainer):
         teacher: the EMA copy of the student (``ignite.handlers.EMAHandler(...).ema_model``).
         lambda_rampup_epochs: ramp the weight of the teacher's target up from 0 to its full value
             (``lambda``, the loss's ``"cpl"`` weight) over this many epochs, by
-            :func:`stmt_monai.semisupervision.sigmoid_rampup` (the usual mean-teacher consistency
+            :func:`stmt_monai.training.mean_teacher.sigmoid_rampup` (the usual mean-teacher consistency
             ramp-up, not in the paper); 0 for none. Without it an untrained teacher's tumor
             predictions (a random network marks 20-90 % of a volume as tumor) are targets from the
             first iteration, and the student can settle on them.
         *args, **kwargs: as ``monai.engines.SupervisedTrainer``; ``loss_function`` is a
-            :class:`stmt_monai.losses.WeightedStreamsLoss` with weights for ``"labelled"`` and
+            :class:`stmt_monai.training.losses.WeightedStreamsLoss` with weights for ``"labelled"`` and
             ``"cpl"`` (``TUMOR_STREAM_WEIGHTS``), called as ``loss(pred, {"labelled": label,
             "cpl": corrected_teacher_label})``. With a ``"cpl"`` weight of 0 (lambda = 0) the teacher
             pass is skipped and the loss gets the annotation only: plain supervised training (FST),

@@ -1,7 +1,8 @@
-"""MONAI transforms of StMt: the single preprocessing builder and the paper's augmentations.
+"""[from transforms.py]
+MONAI transforms of StMt: the single preprocessing builder and the paper's augmentations.
 
 :func:`stage_transforms` is the one builder that every bundle's train, evaluate and inference
-configs call (``"$stmt_monai.transforms.stage_transforms(...)"`` or by ``_target_``): it loads a
+configs call (``"$stmt_monai.preprocessing.transforms.stage_transforms(...)"`` or by ``_target_``): it loads a
 case, brings it to canonical RAS order, crops the region of interest (stage 2), resamples to
 the network size, clips and z-scores with the fingerprint, and maps the label to the stage's
 target (:func:`stmt_monai.labels.stage_target_map`). With ``train=True`` it appends the paper's
@@ -19,34 +20,36 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
+    EnsureTyped,
+    MapLabelValued,
     MapTransform,
-    RandAdjustContrastd,
-    RandCropByPosNegLabeld,
-    SpatialPadd,
-    RandAffined,
     Rand3DElasticd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
     RandGaussianNoised,
     RandGaussianSmoothd,
     Randomizable,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandSimulateLowResolutiond,
-    EnsureTyped,
-    MapLabelValued,
+    SpatialPadd,
 )
 
-from stmt_monai.io import ImageError, case_name, load_image, load_label, write_text_atomic
+from stmt_monai.io import case_name, load_image, load_label, write_text_atomic
 from stmt_monai.labels import STAGES, stage_output_map, stage_target_map
-from stmt_monai.preprocessing import (
+from stmt_monai.preprocessing.fingerprint import Fingerprint
+from stmt_monai.preprocessing.geometry import CaseGeometry
+from stmt_monai.preprocessing.roi import (
     ROI_MARGIN_MM,
     ROI_MIN_COMPONENT_FRACTION,
-    CaseGeometry,
-    Fingerprint,
     abdomen_roi_from_prediction,
-    prepare_volume,
 )
+from stmt_monai.preprocessing.stage_input import prepare_volume
 
 IMAGE, LABEL, ROI, GEOMETRY, STREAM = "image", "label", "roi", "geometry", "stream"
+
+
 #: value of an item's ``roi`` that means "no crop: the whole image is the region of interest"
 #: (a tumor-only annotation has no organs to give the box, and the tumor's own box is not the abdomen)
 WHOLE_IMAGE_ROI = "whole_image"
@@ -78,7 +81,7 @@ class LoadStageInputd(MapTransform, Randomizable):
     itself gives the box in stage 2).
     Output dict: ``image`` ``(1, *spatial_size)`` float32 normalised; ``label``
     ``(1, *spatial_size)`` uint8 stage target; ``geometry`` a JSON string of the
-    :class:`~stmt_monai.preprocessing.CaseGeometry` (collates as a list of strings), used by
+    :class:`~stmt_monai.preprocessing.geometry.CaseGeometry` (collates as a list of strings), used by
     :class:`RestoreLabelMapd`; paths are kept under ``image_path`` / ``label_path``.
 
     Args:
@@ -271,7 +274,7 @@ class RestoreLabelMapd(MapTransform):
         self.geometry_key = geometry_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from stmt_monai.preprocessing import CaseGeometry, restore_label_map
+        from stmt_monai.preprocessing.geometry import CaseGeometry, restore_label_map
 
         d = dict(data)
         geometry = CaseGeometry.from_json(d[self.geometry_key])
@@ -323,7 +326,7 @@ class SaveLabelMapd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from stmt_monai.io import case_name, save_label_map
-        from stmt_monai.preprocessing import CaseGeometry
+        from stmt_monai.preprocessing.geometry import CaseGeometry
 
         d = dict(data)
         geometry = CaseGeometry.from_json(d[self.geometry_key])
@@ -366,7 +369,7 @@ class AbdomenRoid(MapTransform):
 
     Reads ``keys`` (``"pred"``: the discrete ``(1, X', Y', Z')`` abdomen mask at network
     resolution, i.e. before :class:`RestoreLabelMapd`) and ``geometry``, stores the dict of
-    :func:`stmt_monai.preprocessing.abdomen_roi_from_prediction` plus ``case`` and ``image``
+    :func:`stmt_monai.preprocessing.roi.abdomen_roi_from_prediction` plus ``case`` and ``image``
     under ``roi_key`` and, with an ``output_dir``, writes it as
     ``<output_dir>/<case><output_postfix>.json`` (atomically).
 
@@ -408,19 +411,3 @@ class AbdomenRoid(MapTransform):
                 path = os.path.join(self.output_dir, f"{name}{self.output_postfix}.json")
                 write_text_atomic(path, json.dumps(d[self.roi_key], indent=1) + "\n")
         return d
-
-
-__all__ = [
-    "AbdomenRoid",
-    "LoadTargetd",
-    "SaveLabelMapd",
-    "ImageError",
-    "LoadStageInputd",
-    "RestoreLabelMapd",
-    "ToFlareLabelsd",
-    "WHOLE_IMAGE_ROI",
-    "augmentations",
-    "stage_transforms",
-    "as_fingerprint",
-    "target_lookup",
-]

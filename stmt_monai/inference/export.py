@@ -1,12 +1,13 @@
-"""Export a stage bundle's network: TorchScript (MONAI's ``ckpt_export``) and ONNX.
+"""[from export.py]
+Export a stage bundle's network: TorchScript (MONAI's ``ckpt_export``) and ONNX.
 
 The exported files go beside the weights they were made from (``models/model.pt`` ->
 ``models/model.ts``, ``models/model.onnx``; demo weights: ``models/demo/``), which is where the
-cascade's ``torchscript`` and ``onnx`` backends (:class:`stmt_monai.inference.StageModel`) look.
+cascade's ``torchscript`` and ``onnx`` backends (:class:`stmt_monai.inference.stage.StageModel`) look.
 
 - TorchScript: ``monai.bundle.ckpt_export`` (``torch.jit.script``; metadata and configs saved in
   the file), the same as ``python -m monai.bundle ckpt_export network_def ...`` in the bundles'
-  READMEs, with the bundle's config layering (:func:`stmt_monai.inference.bundle_config`).
+  READMEs, with the bundle's config layering (:func:`stmt_monai.inference.bundles.bundle_config`).
 - ONNX: ``torch.onnx.export`` (the dynamo exporter, onnxscript) at the bundle's fixed input
   ``(1, in_channels, *spatial_size)``; run by ONNX Runtime.
 
@@ -24,19 +25,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stmt_monai.inference import DEMO_CONFIG, bundle_config, exported_path, load_weights, weights_path
+from stmt_monai.inference.backends import exported_path
+from stmt_monai.inference.bundles import (
+    DEMO_CONFIG,
+    bundle_config,
+    load_weights,
+    weights_path,
+)
 from stmt_monai.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
+
 #: export formats, named as the cascade backends that run them (``exported_path`` gives the file)
 FORMATS = ("torchscript", "onnx")
+
+
 #: names of the ONNX graph's input and output (the bundles' metadata keys)
 ONNX_INPUT, ONNX_OUTPUT = "image", "pred"
 
 
 def config_files(bundle_root: str | os.PathLike, kind: str) -> list[str]:
-    """The config files :func:`stmt_monai.inference.bundle_config` layers for weights ``kind``."""
+    """The config files :func:`stmt_monai.inference.bundles.bundle_config` layers for weights ``kind``."""
     configs = Path(bundle_root).resolve() / "configs"
     files = [configs / "common.json", configs / "inference.json"] + ([configs / DEMO_CONFIG] if kind == "demo" else [])
     return [str(f) for f in files if f.is_file()]
@@ -69,7 +79,7 @@ def export_torchscript(bundle_root: str | os.PathLike, weights: str = "auto", fi
 
     Args:
         bundle_root: the stage bundle.
-        weights: ``"auto"``, ``"trained"`` or ``"demo"`` (:func:`stmt_monai.inference.bundle_config`).
+        weights: ``"auto"``, ``"trained"`` or ``"demo"`` (:func:`stmt_monai.inference.bundles.bundle_config`).
         filepath: output; default :func:`exported_path` of the weights, ``.ts``.
 
     Returns:
@@ -182,7 +192,7 @@ def run_exported(path: str | os.PathLike, x: torch.Tensor, threads: int | None =
     """Logits of an exported network (``.ts`` by torch.jit, ``.onnx`` by ONNX Runtime) on ``x``."""
     path = Path(path)
     if path.suffix == ".onnx":
-        from stmt_monai.inference import OnnxNetwork
+        from stmt_monai.inference.backends import OnnxNetwork
 
         return OnnxNetwork(path, threads=threads)(x)
     with torch.no_grad():
@@ -228,18 +238,3 @@ def export_bundle(
         for path, diff in max_abs_difference(network, list(written.values()), x).items():
             logger.info("%s: max |exported - eager| = %.3g", path, diff)
     return written
-
-
-__all__ = [
-    "AxiswiseInstanceNorm",
-    "FORMATS",
-    "bundle_network",
-    "example_input",
-    "export_bundle",
-    "export_onnx",
-    "export_torchscript",
-    "with_axiswise_instance_norm",
-    "exported_path",
-    "max_abs_difference",
-    "run_exported",
-]

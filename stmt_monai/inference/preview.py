@@ -1,4 +1,5 @@
-"""Label-overlay pictures of CT volumes (PNG), for docs and for the cascade's preview.
+"""[from visualize.py]
+Label-overlay pictures of CT volumes (PNG), for docs and for the cascade's preview.
 
 :func:`overlay_figure` draws one case, :func:`overlay_grid` several (one row each): axial,
 coronal and sagittal slices through a centre point, in a soft-tissue window, with the label map
@@ -38,9 +39,15 @@ _COLORS_BY_NAME: dict[str, tuple[float, float, float]] = {
     "left_kidney": (1.00, 0.80, 0.40),
     "tumor": (1.00, 1.00, 0.00),
 }
+
+
 #: RGB per FLARE label number
 LABEL_COLORS: dict[int, tuple[float, float, float]] = {label: _COLORS_BY_NAME[name] for label, name in LABELS.items()}
+
+
 VIEWS = ("axial", "coronal", "sagittal")
+
+
 #: soft-tissue window (HU): level 40, width 400
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 
@@ -126,7 +133,7 @@ def overlay_grid(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from stmt_monai.preprocessing import to_canonical
+    from stmt_monai.preprocessing.geometry import to_canonical
 
     cmap = label_colormap()
     fig = plt.figure(figsize=(panel_inches * len(views), (panel_inches + 0.35) * len(cases) + 0.5), layout="constrained")

@@ -1,4 +1,5 @@
-"""Post-processing of the cascade's stage-2 output (paper section 2.3 and Fig. 2c).
+"""[from postprocessing.py]
+Post-processing of the cascade's stage-2 output (paper section 2.3 and Fig. 2c).
 
 - :func:`largest_component`: keep only the largest connected component of each organ class
   ("removing all but the largest connected component", applied to the organ result);
@@ -82,6 +83,3 @@ def overlay_tumor(organ_labels: np.ndarray | torch.Tensor, tumor_mask: np.ndarra
     out = organs.astype(np.uint8, copy=True)
     out[tumor > 0] = TUMOR
     return out
-
-
-__all__ = ["CONNECTIVITY", "largest_component", "overlay_tumor"]

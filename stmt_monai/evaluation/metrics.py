@@ -1,4 +1,5 @@
-"""FLARE23 evaluation: Dice, normalized surface Dice (NSD) and the official scoring rules.
+"""[from metrics.py]
+FLARE23 evaluation: Dice, normalized surface Dice (NSD) and the official scoring rules.
 
 SPEC.md, "Evaluation: the official FLARE23 rules". NSD is DeepMind's surface-distance method
 (Nikolov et al. 2021; the PyPI package ``surface-distance``, which FLARE's official script
@@ -18,10 +19,18 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from stmt_monai.labels import LABELS, NSD_TOLERANCE_MM, ORGAN_CLASSES, SLICE_RANGE_CLASSES, TUMOR, label_name
+from stmt_monai.labels import (
+    LABELS,
+    NSD_TOLERANCE_MM,
+    ORGAN_CLASSES,
+    SLICE_RANGE_CLASSES,
+    TUMOR,
+    label_name,
+)
 
 #: below this DSC a class's NSD is set to 0 (final FLARE23 rule; earlier FLARE23 code used 0.1)
 NSD_DSC_THRESHOLD = 0.2
+
 
 # --- surface elements of a 2x2x2 neighbourhood --------------------------------------------
 # The surface passes between the voxel centres. Each corner point of the voxel grid sees the
@@ -52,7 +61,6 @@ _SURFEL_NORMALS_EIGHTHS: tuple[str, ...] = (
     '400 222 111', '222 111 222 111', '333 022 111 202', '040 222 111', '333 220 022 111', '111 222 004', '111 022 022', '022 022',  # 112-119
     '400 222 111 111', '111 111 111', '202 202 111', '111 111', '220 220 111', '111 111', '111 111', '111',  # 120-127
 )
-# fmt: on
 
 
 def _surfel_normals() -> np.ndarray:

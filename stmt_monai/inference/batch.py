@@ -1,0 +1,256 @@
+"""[from inference.py]
+The StMt cascade at inference (paper Fig. 2c; SPEC.md, "Inference"): CT in, FLARE label map out.
+
+1. stage 1 (bundle ``coarse_abdomen``): the whole CT, canonical RAS order, resized to 128^3,
+   normalised with the stage's fingerprint; argmax at network resolution gives the abdomen;
+2. region of interest: the abdomen's bounding box mapped back to the original grid, plus a
+   margin in mm (:func:`stmt_monai.preprocessing.roi.abdomen_roi_from_prediction`);
+3. stage 2: that box cropped from the original-resolution CT and resized to 192^3 once for both
+   students (``organ_selftrain`` and ``tumor_meanteacher``; normalised once if their
+   fingerprints are equal); argmax of each at network resolution;
+4. post-processing at network resolution: largest connected component per organ class, tumor
+   laid over the organs (:mod:`stmt_monai.inference.postprocessing`);
+5. nearest-neighbour restore into the crop and zero padding to the input's exact shape, in the
+   file's own voxel order (:func:`stmt_monai.preprocessing.geometry.restore_label_map`).
+
+The argmax is always taken at network resolution: an argmax over a full-resolution 14-channel
+probability map of a 512 x 512 x 300 CT costs ~17 s on 2 CPU cores and ~9 GB, labels restored
+with nearest cost well under a second.
+
+Each stage's network is read from its bundle (:class:`StageModel`): ``configs/common.json`` and
+``configs/inference.json`` layered with :class:`monai.bundle.ConfigParser` (ids ``network_def``,
+``spatial_size``, ``fingerprint``, ``ckpt_dir``/``model_path``, ``inference_network``), and,
+for the shipped demo weights, ``configs/demo.json`` on top (see :func:`bundle_config`).
+
+:class:`Cascade` loads the three networks once; :func:`segment_case` writes one case's mask,
+report and optional preview; :func:`segment_folder` runs a file, a folder or a DICOM series
+folder (used by the ``cascade`` bundle and by ``stmt-segment``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from stmt_monai.inference.cascade import Cascade, CascadeResult
+from stmt_monai.io import (
+    ITK_SUFFIXES,
+    NIFTI_SUFFIXES,
+    ImageError,
+    case_name,
+    save_label_map,
+)
+
+logger = logging.getLogger(__name__)
+
+
+#: output names beside ``<case>.nii.gz``
+REPORT_JSON, REPORT_CSV, PREVIEW_PNG = "_report.json", "_report.csv", "_preview.png"
+
+
+# ----------------------------------------------------------------------------- cases and outputs
+def _holds_dicom(folder: Path) -> bool:
+    """Whether ``folder`` itself holds a DICOM series (ITK's "no series" warning silenced)."""
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def list_cases(input: str | os.PathLike) -> list[Path]:
+    """The cases of an input: a file is one case; a folder holding DICOM files is one case (a
+    series); any other folder gives each ``.nii``/``.nii.gz``/``.mha``/``.nrrd`` file and each
+    DICOM series sub-folder in it (hidden names skipped), sorted.
+
+    Raises:
+        ImageError: missing input, or a folder without any case.
+    """
+    path = Path(input)
+    if not path.exists():
+        raise ImageError(path, "no such file or folder")
+    if path.is_file() or _holds_dicom(path):
+        return [path]
+    cases = [
+        p
+        for p in sorted(path.iterdir())
+        if not p.name.startswith(".") and ((p.is_file() and p.name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)) or (p.is_dir() and _holds_dicom(p)))
+    ]
+    if not cases:
+        raise ImageError(path, f"holds no image ({', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or DICOM series folder)")
+    return cases
+
+
+def output_paths(case: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Path]:
+    """Where a case's outputs go: ``mask`` (``<case>.nii.gz``, FLARE naming), ``report_json``,
+    ``report_csv`` and ``preview`` (``<case>_report.json`` / ``.csv``, ``<case>_preview.png``)."""
+    name, out = case_name(case), Path(output_dir)
+    return {
+        "mask": out / f"{name}.nii.gz",
+        "report_json": out / f"{name}{REPORT_JSON}",
+        "report_csv": out / f"{name}{REPORT_CSV}",
+        "preview": out / f"{name}{PREVIEW_PNG}",
+    }
+
+
+def segment_case(
+    cascade: Cascade,
+    case: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    preview: bool = False,
+    report: bool = True,
+) -> dict:
+    """Segment one case and write its outputs (each written atomically).
+
+    Args:
+        cascade: the loaded :class:`Cascade`.
+        case: a CT file or DICOM series folder.
+        output_dir: destination; see :func:`output_paths`.
+        overwrite: redo a case whose mask exists (otherwise it is skipped).
+        preview: also write the PNG preview.
+        report: write the JSON / CSV report.
+
+    Returns:
+        ``{"case", "status": "written" | "skipped", "outputs": {kind: path}, "timings"}``.
+
+    Raises:
+        ImageError: the input cannot be used (other errors propagate as they are).
+    """
+    from stmt_monai.inference import report as case_report
+
+    paths = output_paths(case, output_dir)
+    if paths["mask"].exists() and not overwrite:
+        return {"case": str(case), "status": "skipped", "outputs": {"mask": str(paths["mask"])}, "timings": {}}
+    result = cascade.segment(case)
+    clock = time.perf_counter()
+    written = {"mask": save_label_map(paths["mask"], result.labels, result.affine)}
+    timings = dict(result.timings)
+    timings["write"] = time.perf_counter() - clock
+    if report:
+        clock = time.perf_counter()
+        summary = case_report.case_report(
+            result.labels, result.affine, result.image, organ_labels=result.organ_labels, case=case_name(case), source=str(case)
+        )
+        summary["cascade"] = {**cascade.describe(), "roi": result.roi, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+        written["report_json"], written["report_csv"] = case_report.write_report(summary, paths["report_json"], paths["report_csv"])
+        timings["report"] = time.perf_counter() - clock
+    if preview:
+        from stmt_monai.inference.preview import overlay_figure
+
+        clock = time.perf_counter()
+        written["preview"] = overlay_figure(
+            result.image, result.labels, paths["preview"], affine=result.affine, title=case_name(case), center=_organ_center(result)
+        )
+        timings["preview"] = time.perf_counter() - clock
+    return {"case": str(case), "status": "written", "outputs": {k: str(v) for k, v in written.items()}, "timings": timings}
+
+
+def _organ_center(result: CascadeResult) -> tuple[int, int, int] | None:
+    """Canonical voxel the preview's slices pass through: the centre of the organs' bounding box
+    (a single tumor would otherwise pull the views off the organs); None: the viewer's default."""
+    from stmt_monai.preprocessing.geometry import to_canonical
+
+    canonical, _, _ = to_canonical(result.labels, result.affine)
+    found = np.argwhere(canonical[::2, ::2, ::2] > 0) * 2
+    if not found.size:
+        return None
+    return tuple(int(v) for v in (found.min(0) + found.max(0)) // 2)
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """What a batch did: ``written`` and ``skipped`` case paths, ``failed`` as ``(case, reason)``."""
+
+    written: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    timings: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def raise_if_failed(self) -> "BatchResult":
+        """Raise ``RuntimeError`` listing ``case: reason`` lines if some case failed (the
+        ``cascade`` bundle's ``run`` ends with it so that a failed case fails the run), else
+        return self."""
+        if self.failed:
+            lines = "\n".join(f"{case}: {reason}" for case, reason in self.failed)
+            raise RuntimeError(f"{len(self.failed)} of {len(self.failed) + len(self.written) + len(self.skipped)} cases failed:\n{lines}")
+        return self
+
+
+def failure_reason(case: str | os.PathLike, err: BaseException) -> str:
+    """One-line reason of a failed case (``ImageError`` already names the file)."""
+    if isinstance(err, ImageError):
+        return err.problem
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def shard_cases(cases: Sequence[Path], shard: str | None) -> list[Path]:
+    """Share ``"i/n"`` of ``cases``: every n-th case from the i-th (0-based).
+
+    n processes (one per GPU, or per machine) given shards ``0/n`` ... ``n-1/n`` segment
+    disjoint sets of cases that together are all of them; ``None`` keeps every case.
+
+    Raises:
+        ValueError: ``shard`` is not ``"i/n"`` with ``0 <= i < n``.
+    """
+    if shard is None:
+        return list(cases)
+    try:
+        index, count = (int(part) for part in str(shard).split("/"))
+    except ValueError:
+        raise ValueError(f"shard must be 'i/n' (e.g. 0/2), got {shard!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard!r}: need 0 <= i < n")
+    return list(cases)[index::count]
+
+
+def segment_folder(
+    cascade: Cascade,
+    input: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    preview: bool = False,
+    progress: bool = True,
+    shard: str | None = None,
+) -> BatchResult:
+    """Segment every case of ``input`` (:func:`list_cases`) into ``output_dir``.
+
+    A case that fails is recorded (path, reason) and the batch goes on. With ``shard`` ``"i/n"``
+    only that share of the cases (:func:`shard_cases`), to split a batch across processes.
+
+    Returns:
+        :class:`BatchResult`; its ``failed`` list is empty when all went well.
+    """
+    from tqdm import tqdm
+
+    result = BatchResult()
+    try:
+        cases = shard_cases(list_cases(input), shard)
+    except ImageError as err:
+        result.failed.append((str(input), err.problem))
+        return result
+    for case in tqdm(cases, desc="stmt-segment", unit="case", disable=not progress):
+        try:
+            outcome = segment_case(cascade, case, output_dir, overwrite=overwrite, preview=preview)
+        except Exception as err:  # noqa: BLE001 - one bad case must not stop the batch
+            logger.debug("case %s failed", case, exc_info=True)
+            result.failed.append((str(case), failure_reason(case, err)))
+            logger.warning("%s: %s", case, result.failed[-1][1])
+            continue
+        logger.info("%s: %s %s", case, outcome["status"], outcome["outputs"]["mask"])
+        (result.written if outcome["status"] == "written" else result.skipped).append(str(case))
+        result.timings[str(case)] = outcome["timings"]
+    return result

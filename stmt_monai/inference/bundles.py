@@ -1,0 +1,190 @@
+"""[from inference.py]
+The StMt cascade at inference (paper Fig. 2c; SPEC.md, "Inference"): CT in, FLARE label map out.
+
+1. stage 1 (bundle ``coarse_abdomen``): the whole CT, canonical RAS order, resized to 128^3,
+   normalised with the stage's fingerprint; argmax at network resolution gives the abdomen;
+2. region of interest: the abdomen's bounding box mapped back to the original grid, plus a
+   margin in mm (:func:`stmt_monai.preprocessing.roi.abdomen_roi_from_prediction`);
+3. stage 2: that box cropped from the original-resolution CT and resized to 192^3 once for both
+   students (``organ_selftrain`` and ``tumor_meanteacher``; normalised once if their
+   fingerprints are equal); argmax of each at network resolution;
+4. post-processing at network resolution: largest connected component per organ class, tumor
+   laid over the organs (:mod:`stmt_monai.inference.postprocessing`);
+5. nearest-neighbour restore into the crop and zero padding to the input's exact shape, in the
+   file's own voxel order (:func:`stmt_monai.preprocessing.geometry.restore_label_map`).
+
+The argmax is always taken at network resolution: an argmax over a full-resolution 14-channel
+probability map of a 512 x 512 x 300 CT costs ~17 s on 2 CPU cores and ~9 GB, labels restored
+with nearest cost well under a second.
+
+Each stage's network is read from its bundle (:class:`StageModel`): ``configs/common.json`` and
+``configs/inference.json`` layered with :class:`monai.bundle.ConfigParser` (ids ``network_def``,
+``spatial_size``, ``fingerprint``, ``ckpt_dir``/``model_path``, ``inference_network``), and,
+for the shipped demo weights, ``configs/demo.json`` on top (see :func:`bundle_config`).
+
+:class:`Cascade` loads the three networks once; :func:`segment_case` writes one case's mask,
+report and optional preview; :func:`segment_folder` runs a file, a folder or a DICOM series
+folder (used by the ``cascade`` bundle and by ``stmt-segment``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from stmt_monai.io import atomic_path
+from stmt_monai.preprocessing.fingerprint import Fingerprint
+
+#: stage -> bundle folder name under ``bundles/``
+STAGE_BUNDLES: Mapping[str, str] = {"abdomen": "coarse_abdomen", "organ": "organ_selftrain", "tumor": "tumor_meanteacher"}
+
+
+#: override file of the shipped demo weights, layered last (``configs/demo.json``)
+DEMO_CONFIG = "demo.json"
+
+
+#: which weights a bundle's network is built for: ``auto`` (trained ``models/model.pt`` if there,
+#: else the demo weights), ``trained``, ``demo``
+WEIGHTS = ("auto", "trained", "demo")
+
+
+def default_bundles_dir() -> Path:
+    """The repository's ``bundles/`` folder next to the package (an editable install's checkout)."""
+    return Path(__file__).resolve().parents[2] / "bundles"
+
+
+# ----------------------------------------------------------------------------- bundles
+def bundle_config(bundle_root: str | os.PathLike, weights: str = "auto"):
+    """Read a stage bundle's inference configuration.
+
+    Layers ``configs/common.json``, ``configs/inference.json`` (if present) and, for the demo
+    weights, ``configs/demo.json``; ``bundle_root`` is set to the absolute path so the bundle's
+    relative ids (``ckpt_dir``, ``fingerprint``) resolve from any working directory.
+
+    Which weights (``weights``):
+
+    - ``"trained"``: the bundle's own ``models/model.pt`` (``model_path`` id if defined, else
+      ``ckpt_dir``/model.pt), network as ``common.json`` defines it (the paper's sizes);
+    - ``"demo"``: ``configs/demo.json`` layered on top; it redefines the network's size keys
+      (``base_channels``, ``num_downsamplings``, ``network_def#max_channels``, ``spatial_size``)
+      and ``ckpt_dir`` (``models/demo``), exactly as ``scripts/train_demo.py`` trained them;
+    - ``"auto"``: ``"trained"`` if the trained weights file exists, else ``"demo"`` if the bundle
+      has ``configs/demo.json``, else ``"trained"`` (whose missing file is then reported).
+
+    Returns:
+        ``(parser, kind)``: the :class:`monai.bundle.ConfigParser` and ``"trained"`` or ``"demo"``.
+    """
+    from monai.bundle import ConfigParser
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    root = Path(bundle_root).resolve()
+    configs = root / "configs"
+    if not (configs / "common.json").is_file():
+        raise FileNotFoundError(f"{root}: not a stage bundle (no configs/common.json)")
+    files = [configs / "common.json"] + ([configs / "inference.json"] if (configs / "inference.json").is_file() else [])
+    demo_file = configs / DEMO_CONFIG
+
+    def parse(extra: list[Path]):
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files + extra])
+        parser["bundle_root"] = str(root)
+        return parser
+
+    kind = weights
+    if weights == "auto":
+        kind = "trained"
+        if not weights_path(parse([])).is_file() and demo_file.is_file():
+            kind = "demo"
+    if kind == "demo" and not demo_file.is_file():
+        raise FileNotFoundError(f"{root}: no {DEMO_CONFIG} (demo weights not installed; run scripts/train_demo.py)")
+    return parse([demo_file] if kind == "demo" else []), kind
+
+
+def weights_path(parser) -> Path:
+    """The weights file a parsed bundle config points at: ``model_path``, else ``<ckpt_dir>/model.pt``."""
+    if "model_path" in parser:
+        return Path(parser.get_parsed_content("model_path"))
+    return Path(parser.get_parsed_content("ckpt_dir")) / "model.pt"
+
+
+def load_weights(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+    """A network's state dict from a bundle's ``model.pt``, as float32.
+
+    ``model.pt`` may be a bare state dict (the model-zoo convention) or ``{name: state_dict}``
+    (``BestCheckpoint`` with several objects, e.g. the mean teacher's ``{"student", "teacher"}``);
+    ``key`` picks the entry (the tumor bundle's ``inference_network``), and a one-entry dict
+    (``{"model": sd}``) is unwrapped. Half-precision tensors (the shipped demo weights are
+    stored in fp16) are cast to float32.
+    """
+    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    if key is not None and key in checkpoint:
+        checkpoint = checkpoint[key]
+    elif key is not None and all(isinstance(v, Mapping) for v in checkpoint.values()):
+        raise KeyError(f"{path}: no {key!r} entry (has {sorted(checkpoint)})")
+    elif len(checkpoint) == 1 and isinstance(next(iter(checkpoint.values())), Mapping):
+        checkpoint = next(iter(checkpoint.values()))
+    return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in checkpoint.items()}
+
+
+def write_demo_config(bundle_root: str | os.PathLike, settings: Mapping) -> Path:
+    """Write a bundle's ``configs/demo.json``: the overrides of its demo network.
+
+    ``settings`` holds bundle ids (``base_channels``, ``num_downsamplings``, ``spatial_size``,
+    ``network_def#max_channels``, ...); ``ckpt_dir`` is set to ``models/demo`` so the demo
+    weights and fingerprint never mix with trained ones in ``models/``. Training with this file
+    layered (``scripts/train_demo.py``) and :func:`bundle_config` (``weights="demo"``) then build
+    the same network.
+    """
+    from stmt_monai.io import write_text_atomic
+
+    config = {"ckpt_dir": "$@bundle_root + '/models/demo'", **dict(settings)}
+    return write_text_atomic(Path(bundle_root) / "configs" / DEMO_CONFIG, json.dumps(config, indent=4) + "\n")
+
+
+def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor], key: str | None = None, half: bool = False) -> Path:
+    """Write a state dict as a bundle's ``model.pt`` (atomically).
+
+    Args:
+        path: output file.
+        state: the network's state dict.
+        key: store as ``{key: state}`` (the tumor bundle's ``inference_network``), else bare.
+        half: store floating-point tensors as fp16 (the demo weights; :func:`load_weights`
+            casts them back to fp32).
+    """
+    converted: dict = {}
+
+    def convert(v: torch.Tensor) -> torch.Tensor:
+        # one copy per shared tensor (DynUNet lists its blocks twice in its state dict), as torch.save does
+        key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride())
+        if key not in converted:
+            converted[key] = v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu()
+        return converted[key]
+
+    state = {k: convert(v) for k, v in state.items()}
+    tmp, final = atomic_path(path)
+    try:
+        torch.save({key: state} if key else state, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def random_weights(bundle_root: str | os.PathLike, fingerprint: Fingerprint, weights: str = "demo", seed: int = 0) -> Path:
+    """Give a bundle randomly initialised weights and a fingerprint (tests and timing benchmarks).
+
+    Builds the bundle's network as :func:`bundle_config` does for ``weights`` and writes its
+    initial state to the weights path (under the ``inference_network`` key where the bundle
+    has one) and ``fingerprint`` beside it.
+    """
+    parser, _ = bundle_config(bundle_root, weights)
+    torch.manual_seed(seed)
+    network = parser.get_parsed_content("network_def")
+    path = weights_path(parser)
+    fingerprint.save(parser.get_parsed_content("fingerprint"))
+    return save_weights(path, network.state_dict(), key=parser.get("inference_network"))

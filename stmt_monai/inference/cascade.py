@@ -1,0 +1,205 @@
+"""[from inference.py]
+The StMt cascade at inference (paper Fig. 2c; SPEC.md, "Inference"): CT in, FLARE label map out.
+
+1. stage 1 (bundle ``coarse_abdomen``): the whole CT, canonical RAS order, resized to 128^3,
+   normalised with the stage's fingerprint; argmax at network resolution gives the abdomen;
+2. region of interest: the abdomen's bounding box mapped back to the original grid, plus a
+   margin in mm (:func:`stmt_monai.preprocessing.roi.abdomen_roi_from_prediction`);
+3. stage 2: that box cropped from the original-resolution CT and resized to 192^3 once for both
+   students (``organ_selftrain`` and ``tumor_meanteacher``; normalised once if their
+   fingerprints are equal); argmax of each at network resolution;
+4. post-processing at network resolution: largest connected component per organ class, tumor
+   laid over the organs (:mod:`stmt_monai.inference.postprocessing`);
+5. nearest-neighbour restore into the crop and zero padding to the input's exact shape, in the
+   file's own voxel order (:func:`stmt_monai.preprocessing.geometry.restore_label_map`).
+
+The argmax is always taken at network resolution: an argmax over a full-resolution 14-channel
+probability map of a 512 x 512 x 300 CT costs ~17 s on 2 CPU cores and ~9 GB, labels restored
+with nearest cost well under a second.
+
+Each stage's network is read from its bundle (:class:`StageModel`): ``configs/common.json`` and
+``configs/inference.json`` layered with :class:`monai.bundle.ConfigParser` (ids ``network_def``,
+``spatial_size``, ``fingerprint``, ``ckpt_dir``/``model_path``, ``inference_network``), and,
+for the shipped demo weights, ``configs/demo.json`` on top (see :func:`bundle_config`).
+
+:class:`Cascade` loads the three networks once; :func:`segment_case` writes one case's mask,
+report and optional preview; :func:`segment_folder` runs a file, a folder or a DICOM series
+folder (used by the ``cascade`` bundle and by ``stmt-segment``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stmt_monai.inference.bundles import STAGE_BUNDLES, default_bundles_dir
+from stmt_monai.inference.postprocessing import largest_component, overlay_tumor
+from stmt_monai.inference.stage import StageModel
+from stmt_monai.io import load_image
+from stmt_monai.preprocessing.geometry import resize, restore_label_map, to_canonical
+from stmt_monai.preprocessing.roi import (
+    ROI_MARGIN_MM,
+    ROI_MIN_COMPONENT_FRACTION,
+    abdomen_roi_from_prediction,
+)
+from stmt_monai.preprocessing.stage_input import prepare_volume
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- the cascade
+@dataclasses.dataclass
+class CascadeResult:
+    """One case through the cascade.
+
+    Attributes:
+        labels: ``(X, Y, Z)`` uint8 FLARE label map (0..14) in the input file's voxel order.
+        affine: the input's 4 x 4 RAS affine (write ``labels`` with it).
+        image: ``(X, Y, Z)`` float32 HU of the input (for the report and preview).
+        organ_labels: the organ result before the tumor overlay, on the same grid, when the
+            cascade found a tumor (the report names each tumor's host organ from it), else None.
+        roi: stage 1's region of interest (:func:`abdomen_roi_from_prediction`'s dict).
+        timings: seconds per step.
+    """
+
+    labels: np.ndarray
+    affine: np.ndarray
+    image: np.ndarray
+    organ_labels: np.ndarray | None
+    roi: dict
+    timings: dict
+
+
+class Cascade:
+    """The three StMt stages, loaded once, chained on any number of cases.
+
+    Args:
+        bundles_dir: folder holding ``coarse_abdomen``, ``organ_selftrain`` and
+            ``tumor_meanteacher`` (default :func:`default_bundles_dir`).
+        device: ``"cpu"`` or ``"cuda"``.
+        threads: ``torch.set_num_threads`` (and OpenVINO's threads); default unchanged.
+        backend: ``"torch"`` (default), ``"openvino"`` (CPU), ``"torchscript"`` or ``"onnx"`` (CPU):
+            see :meth:`StageModel.from_bundle`.
+        weights: ``"auto"``, ``"trained"`` or ``"demo"`` (:func:`bundle_config`).
+        margin_mm: ROI margin; default the ``coarse_abdomen`` bundle's ``roi_margin_mm``.
+        bundles: per-stage bundle folders overriding ``bundles_dir`` (``{"organ": path}``).
+        amp: fp16 autocast of the networks; default on CUDA (torch / torchscript backends), where
+            it lowers the peak GPU memory; off on the CPU.
+    """
+
+    def __init__(
+        self,
+        bundles_dir: str | os.PathLike | None = None,
+        device: str | torch.device = "cpu",
+        threads: int | None = None,
+        backend: str = "torch",
+        weights: str = "auto",
+        margin_mm: float | None = None,
+        bundles: Mapping[str, str | os.PathLike] | None = None,
+        amp: bool | None = None,
+    ):
+        start = time.perf_counter()
+        if threads:
+            torch.set_num_threads(int(threads))
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' asked for but torch sees no CUDA device")
+        root = Path(bundles_dir) if bundles_dir is not None else default_bundles_dir()
+        paths = {stage: Path((bundles or {}).get(stage, root / name)) for stage, name in STAGE_BUNDLES.items()}
+        self.models = {
+            stage: StageModel.from_bundle(path, stage, device, weights, backend, threads, amp) for stage, path in paths.items()
+        }
+        abdomen = self.models["abdomen"].settings
+        self.margin_mm = float(margin_mm if margin_mm is not None else abdomen.get("roi_margin_mm", ROI_MARGIN_MM))
+        self.min_component_fraction = float(abdomen.get("min_component_fraction", ROI_MIN_COMPONENT_FRACTION))
+        self.device, self.backend = device, backend
+        self.load_seconds = time.perf_counter() - start
+
+    def describe(self) -> dict:
+        """The settings of the three stages (for reports and logs)."""
+        return {
+            "backend": self.backend,
+            "device": str(self.device),
+            "roi_margin_mm": self.margin_mm,
+            "load_seconds": round(self.load_seconds, 3),
+            "stages": {stage: model.settings for stage, model in self.models.items()},
+        }
+
+    def segment(self, path: str | os.PathLike) -> CascadeResult:
+        """Segment one CT file or DICOM series folder (see :meth:`segment_array`).
+
+        Raises:
+            ImageError: the input cannot be read or is not a 3D volume.
+        """
+        start = time.perf_counter()
+        image, affine = load_image(path)
+        read = time.perf_counter() - start
+        result = self.segment_array(image, affine)
+        result.timings = {"read": read, **result.timings}
+        return result
+
+    def segment_array(self, image: np.ndarray, affine: np.ndarray) -> CascadeResult:
+        """Segment a CT volume.
+
+        Args:
+            image: ``(X, Y, Z)`` HU, in its file's voxel order.
+            affine: its 4 x 4 RAS affine.
+
+        Returns:
+            :class:`CascadeResult` with labels on exactly the input's grid.
+        """
+        t = {}
+        clock = time.perf_counter()
+
+        def lap(name):
+            nonlocal clock
+            now = time.perf_counter()
+            t[name] = now - clock
+            clock = now
+
+        image = np.asarray(image, np.float32)
+        abdomen, organ, tumor = self.models["abdomen"], self.models["organ"], self.models["tumor"]
+        # stage 1: whole volume at 128^3
+        canonical = to_canonical(image, affine)  # once for the three networks
+        x1, _, geometry1 = prepare_volume(image, affine, abdomen.spatial_size, canonical=canonical)
+        mask = abdomen.predict(abdomen.fingerprint.normalize(x1))
+        lap("stage1")
+        roi = abdomen_roi_from_prediction(mask, geometry1, self.margin_mm, self.min_component_fraction)
+        box = (roi["start_voxel"], roi["end_voxel"])
+        # stage 2: one crop and resize for both students when their sizes agree
+        x2, _, geometry2 = prepare_volume(image, affine, organ.spatial_size, roi_box=box, canonical=canonical)
+        organ_in = organ.fingerprint.normalize(x2)
+        same_size = tumor.spatial_size == organ.spatial_size
+        if same_size:
+            tumor_in = organ_in if tumor.fingerprint == organ.fingerprint else tumor.fingerprint.normalize(x2)
+        else:
+            x3, _, _ = prepare_volume(image, affine, tumor.spatial_size, roi_box=box, canonical=canonical)
+            tumor_in = tumor.fingerprint.normalize(x3)
+            del x3
+        del x2, canonical  # the whole reoriented volume is not needed by the networks
+        lap("stage2_input")
+        organ_net = largest_component(organ.predict(organ_in))
+        lap("organ")
+        tumor_net = tumor.predict(tumor_in)
+        # same crop, other size: nearest onto the organ network's grid
+        tumor_net = (tumor_net if same_size else resize(tumor_net, organ.spatial_size, "nearest")).numpy()
+        del organ_in, tumor_in
+        lap("tumor")
+        organ_labels = restore_label_map(organ_net, geometry2)
+        if any(r < n for r, n in zip(geometry2.roi_shape, geometry2.network_size)):
+            # nearest down-sampling (a crop thinner than the network input) can split a component
+            organ_labels = largest_component(organ_labels)
+        if tumor_net.any():
+            # restore(overlay(organs, tumor)) == overlay(restore(organs), restore(tumor)): nearest is voxelwise
+            labels = overlay_tumor(organ_labels, restore_label_map(tumor_net, geometry2))
+        else:
+            labels, organ_labels = organ_labels, None
+        lap("restore")
+        return CascadeResult(labels, np.asarray(affine, float), image, organ_labels, roi, t)

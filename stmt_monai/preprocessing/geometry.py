@@ -1,0 +1,179 @@
+"""[from preprocessing.py]
+The one preprocessing path of StMt, shared by training, evaluation and inference.
+
+SPEC.md, "Preprocessing" and paper section 2.1:
+
+- intensity: clip at the 0.5 / 99.5 percentiles of foreground voxels, z-score with the global
+  foreground mean and sd, numbers from a dataset fingerprint (:class:`Fingerprint`);
+- stage 1: the whole CT resampled to 128^3;
+- stage 2: the region of interest found by stage 1, cropped from the original-resolution CT
+  and resampled to 192^3; in training the box of the label (:func:`abdomen_roi`), at inference
+  the box of stage 1's prediction (:func:`abdomen_roi_from_prediction`; :func:`roi_coverage`
+  measures the share of a case's labelled voxels it keeps);
+- the inverse (:func:`restore_label_map`): a label map at network resolution goes back to the
+  crop (nearest neighbour), is zero-padded into the full grid and returned in the input file's
+  own voxel order, so it can be written with the input's exact shape and affine.
+
+All geometry is done in a canonical RAS voxel order (:func:`to_canonical`), so a file in any
+orientation gives the same network input; :class:`CaseGeometry` records what was done so
+the inverse is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from nibabel import orientations
+
+
+# ----------------------------------------------------------------------------- geometry
+@dataclasses.dataclass
+class CaseGeometry:
+    """What preprocessing did to one case, so that :func:`restore_label_map` can undo it.
+
+    Attributes:
+        shape: the input file's array shape ``(X, Y, Z)``.
+        affine: the input file's voxel-to-world RAS affine.
+        ornt: nibabel orientation transform from the file's voxel order to canonical RAS order.
+        roi_start, roi_end: crop box in canonical voxels (``[start, end)``); the whole volume
+            when there was no crop.
+        network_size: spatial size the crop was resampled to.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    ornt: np.ndarray
+    roi_start: tuple[int, int, int]
+    roi_end: tuple[int, int, int]
+    network_size: tuple[int, int, int]
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in orientations.apply_orientation(np.empty(self.shape, bool), self.ornt).shape)
+
+    @property
+    def canonical_affine(self) -> np.ndarray:
+        return self.affine @ orientations.inv_ornt_aff(self.ornt, self.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Canonical voxel size in mm."""
+        return np.sqrt((self.canonical_affine[:3, :3] ** 2).sum(0))
+
+    @property
+    def roi_shape(self) -> tuple[int, int, int]:
+        return tuple(int(e - s) for s, e in zip(self.roi_start, self.roi_end))
+
+    def roi_world(self) -> dict[str, list[float]]:
+        """The crop box's opposite corners in RAS world mm (voxel corners, not centres)."""
+        aff = self.canonical_affine
+        corners = [np.asarray(self.roi_start, float) - 0.5, np.asarray(self.roi_end, float) - 0.5]
+        world = [(aff[:3, :3] @ c + aff[:3, 3]).tolist() for c in corners]
+        return {"start_mm": world[0], "end_mm": world[1]}
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "shape": list(self.shape),
+                "affine": np.asarray(self.affine).tolist(),
+                "ornt": np.asarray(self.ornt).tolist(),
+                "roi_start": list(self.roi_start),
+                "roi_end": list(self.roi_end),
+                "network_size": list(self.network_size),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "CaseGeometry":
+        d = json.loads(text)
+        return cls(
+            shape=tuple(d["shape"]),
+            affine=np.asarray(d["affine"]),
+            ornt=np.asarray(d["ornt"]),
+            roi_start=tuple(d["roi_start"]),
+            roi_end=tuple(d["roi_end"]),
+            network_size=tuple(d["network_size"]),
+        )
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reorder a volume's axes and flips so voxel axes run to R, A, S.
+
+    Returns:
+        ``(canonical_array, canonical_affine, ornt)``; ``ornt`` goes to :class:`CaseGeometry`.
+    """
+    ornt = orientations.io_orientation(affine)
+    canonical = orientations.apply_orientation(array, ornt)
+    return np.ascontiguousarray(canonical), affine @ orientations.inv_ornt_aff(ornt, array.shape), ornt
+
+
+def from_canonical(array: np.ndarray, geometry: CaseGeometry) -> np.ndarray:
+    """Inverse of :func:`to_canonical`: back to the file's voxel order and shape."""
+    # geometry.ornt maps file -> canonical; its inverse maps canonical -> file
+    inverse = _invert_ornt(geometry.ornt)
+    out = orientations.apply_orientation(array, inverse)
+    assert out.shape == tuple(geometry.shape), (out.shape, geometry.shape)
+    return np.ascontiguousarray(out)
+
+
+def _invert_ornt(ornt: np.ndarray) -> np.ndarray:
+    """Orientation transform undoing ``ornt`` (``apply(apply(a, ornt), inv) == a``)."""
+    ornt = np.asarray(ornt)
+    inverse = np.zeros_like(ornt)
+    for in_axis, (out_axis, flip) in enumerate(ornt):
+        inverse[int(out_axis)] = (in_axis, flip)
+    return inverse
+
+
+def resize(volume: np.ndarray | torch.Tensor, size: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
+    """Resample a ``(C, X, Y, Z)`` (or ``(X, Y, Z)``) volume to a fixed spatial size.
+
+    ``mode="trilinear"`` for images (align_corners=False), ``"nearest"`` for label maps
+    (``nearest-exact``: voxel centres map to voxel centres).
+    """
+    t = torch.as_tensor(volume)
+    squeeze = t.ndim == 3
+    if squeeze:
+        t = t[None]
+    size = tuple(int(s) for s in size)
+    if tuple(t.shape[1:]) != size:
+        if mode == "nearest":
+            t = F.interpolate(t[None].float(), size=size, mode="nearest-exact")[0].to(t.dtype)
+        else:
+            t = F.interpolate(t[None].float(), size=size, mode=mode, align_corners=False)[0]
+    return t[0] if squeeze else t
+
+
+def crop(volume: np.ndarray, start: Sequence[int], end: Sequence[int]) -> np.ndarray:
+    """``volume[..., s0:e0, s1:e1, s2:e2]`` (leading channel axes kept)."""
+    return volume[(Ellipsis, *(slice(s, e) for s, e in zip(start, end)))]
+
+
+def restore_label_map(labels: np.ndarray | torch.Tensor, geometry: CaseGeometry) -> np.ndarray:
+    """Inverse of :func:`prepare_volume` for a label map.
+
+    Args:
+        labels: ``(X', Y', Z')`` (or ``(1, X', Y', Z')``) integer labels at network resolution.
+        geometry: the case's :class:`CaseGeometry`.
+
+    Returns:
+        ``(X, Y, Z)`` uint8 labels in the input file's voxel order: nearest-neighbour resampled
+        into the crop, zero outside it; write it with ``geometry.affine``.
+    """
+    t = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+    t = t.reshape(t.shape[-3:]).to(torch.uint8)
+    in_crop = resize(t, geometry.roi_shape, "nearest").numpy()
+    full = np.zeros(geometry.canonical_shape, np.uint8)
+    full[tuple(slice(s, e) for s, e in zip(geometry.roi_start, geometry.roi_end))] = in_crop
+    return from_canonical(full, geometry)
+
+
+def orientation_codes(affine: np.ndarray) -> str:
+    """Axis codes of an affine, e.g. ``"RAS"`` or ``"LPS"``."""
+    return "".join(nib.aff2axcodes(affine))

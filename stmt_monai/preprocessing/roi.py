@@ -1,0 +1,168 @@
+"""[from preprocessing.py]
+The one preprocessing path of StMt, shared by training, evaluation and inference.
+
+SPEC.md, "Preprocessing" and paper section 2.1:
+
+- intensity: clip at the 0.5 / 99.5 percentiles of foreground voxels, z-score with the global
+  foreground mean and sd, numbers from a dataset fingerprint (:class:`Fingerprint`);
+- stage 1: the whole CT resampled to 128^3;
+- stage 2: the region of interest found by stage 1, cropped from the original-resolution CT
+  and resampled to 192^3; in training the box of the label (:func:`abdomen_roi`), at inference
+  the box of stage 1's prediction (:func:`abdomen_roi_from_prediction`; :func:`roi_coverage`
+  measures the share of a case's labelled voxels it keeps);
+- the inverse (:func:`restore_label_map`): a label map at network resolution goes back to the
+  crop (nearest neighbour), is zero-padded into the full grid and returned in the input file's
+  own voxel order, so it can be written with the input's exact shape and affine.
+
+All geometry is done in a canonical RAS voxel order (:func:`to_canonical`), so a file in any
+orientation gives the same network input; :class:`CaseGeometry` records what was done so
+the inverse is exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import cc3d
+import numpy as np
+import torch
+
+from stmt_monai.preprocessing.geometry import CaseGeometry, crop, to_canonical
+
+#: margin around the stage-1 abdomen box, in mm (covers the coarse 128^3 mask's blockiness)
+ROI_MARGIN_MM = 10.0
+
+
+#: stage-1 components smaller than this share of the largest one do not enter the ROI
+ROI_MIN_COMPONENT_FRACTION = 0.1
+
+
+def abdomen_roi(
+    mask: np.ndarray,
+    spacing_mm: Sequence[float],
+    margin_mm: float = ROI_MARGIN_MM,
+    jitter_mm: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Region of interest: bounding box of ``mask > 0``, grown by a margin in mm, clamped.
+
+    Args:
+        mask: ``(X, Y, Z)`` abdomen (or any label) mask on the grid to crop.
+        spacing_mm: voxel size of that grid.
+        margin_mm: margin added on each side.
+        jitter_mm: training augmentation: each side's margin is drawn from
+            ``margin_mm + U(-jitter_mm, jitter_mm)`` (at least 0).
+        rng: random generator for the jitter.
+
+    Returns:
+        ``(start, end)`` voxel indices, ``[start, end)`` per axis; the whole volume if the
+        mask is empty (nothing found: do not crop away what might be there).
+    """
+    mask = np.asarray(mask) > 0
+    shape = np.asarray(mask.shape)
+    if not mask.any():
+        return (0, 0, 0), tuple(int(s) for s in shape)
+    lo = np.array([np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))[[0, -1]] for ax in range(3)])
+    margins = np.full((3, 2), float(margin_mm))
+    if jitter_mm:
+        rng = rng or np.random.default_rng()
+        margins = np.maximum(margins + rng.uniform(-jitter_mm, jitter_mm, size=(3, 2)), 0.0)
+    vox = np.ceil(margins / np.asarray(spacing_mm, float)[:, None]).astype(int)
+    start = np.maximum(lo[:, 0] - vox[:, 0], 0)
+    end = np.minimum(lo[:, 1] + 1 + vox[:, 1], shape)
+    return tuple(int(s) for s in start), tuple(int(e) for e in end)
+
+
+def scale_box(
+    start: Sequence[int], end: Sequence[int], from_shape: Sequence[int], to_shape: Sequence[int]
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Map a voxel box between two grids covering the same field of view (outward rounding)."""
+    ratio = np.asarray(to_shape, float) / np.asarray(from_shape, float)
+    s = np.floor(np.asarray(start) * ratio).astype(int)
+    e = np.minimum(np.ceil(np.asarray(end) * ratio).astype(int), np.asarray(to_shape))
+    return tuple(int(v) for v in np.maximum(s, 0)), tuple(int(v) for v in e)
+
+
+def abdomen_roi_from_prediction(
+    mask_net: np.ndarray | torch.Tensor,
+    geometry: CaseGeometry | str,
+    margin_mm: float = ROI_MARGIN_MM,
+    min_component_fraction: float = ROI_MIN_COMPONENT_FRACTION,
+) -> dict:
+    """Stage 2's region of interest from stage 1's abdomen mask (paper Fig. 2c).
+
+    The mask's 26-connected components smaller than ``min_component_fraction`` of the largest
+    are dropped (a far false positive must not inflate the box); the bounding box of the rest is
+    mapped from the network grid to the canonical grid of the input (:func:`scale_box`, rounding
+    outwards), grown by ``margin_mm`` on each side and clamped to the volume.
+
+    Args:
+        mask_net: ``(X', Y', Z')`` or ``(1, X', Y', Z')`` abdomen mask (> 0) at network resolution,
+            covering ``geometry``'s crop (in stage 1 the whole canonical volume).
+        geometry: the stage-1 input's :class:`CaseGeometry` (or its JSON).
+        margin_mm: margin added on each side, in mm.
+        min_component_fraction: components below this share of the largest one's voxels are
+            ignored; 0 keeps every component.
+
+    Returns:
+        ``{"found", "start_voxel", "end_voxel", "start_mm", "end_mm", "margin_mm",
+        "canonical_shape", "spacing_mm", "num_components", "num_components_kept"}``:
+        the box ``[start_voxel, end_voxel)`` in canonical (RAS) voxel order of the input, which
+        :func:`prepare_volume` takes as ``roi_box``; its corners in RAS world mm
+        (:meth:`CaseGeometry.roi_world`); the canonical shape and voxel size (mm). An empty mask
+        (``found`` false) gives the whole volume: nothing is cropped away.
+    """
+    if isinstance(geometry, str):
+        geometry = CaseGeometry.from_json(geometry)
+    mask = np.asarray(mask_net.detach().cpu() if isinstance(mask_net, torch.Tensor) else mask_net)
+    mask = np.ascontiguousarray(mask.reshape(mask.shape[-3:]) > 0)
+    shape = np.asarray(geometry.canonical_shape)
+    components, num = cc3d.connected_components(mask, connectivity=26, return_N=True)
+    kept = 0
+    start, end = np.zeros(3, int), shape.copy()
+    if num:
+        sizes = np.bincount(components.ravel())[1:]
+        keep = np.flatnonzero(sizes >= min_component_fraction * sizes.max()) + 1
+        kept = int(keep.size)
+        net_start, net_end = abdomen_roi(np.isin(components, keep), (1.0, 1.0, 1.0), margin_mm=0.0)
+        box_start, box_end = scale_box(net_start, net_end, mask.shape, geometry.roi_shape)
+        margin = np.ceil(float(margin_mm) / geometry.spacing).astype(int)
+        start = np.maximum(np.asarray(geometry.roi_start) + box_start - margin, 0)
+        end = np.minimum(np.asarray(geometry.roi_start) + box_end + margin, shape)
+    start, end = tuple(int(v) for v in start), tuple(int(v) for v in end)
+    box = dataclasses.replace(geometry, roi_start=start, roi_end=end)
+    return {
+        "found": bool(num),
+        "start_voxel": list(start),
+        "end_voxel": list(end),
+        **box.roi_world(),
+        "margin_mm": float(margin_mm),
+        "canonical_shape": [int(s) for s in shape],
+        "spacing_mm": [float(s) for s in geometry.spacing],
+        "num_components": int(num),
+        "num_components_kept": kept,
+    }
+
+
+def roi_coverage(
+    labels: np.ndarray, affine: np.ndarray, start: Sequence[int], end: Sequence[int], classes: Iterable[int] | None = None
+) -> float:
+    """Share of a case's labelled voxels that lie inside a region of interest.
+
+    Args:
+        labels: ``(X, Y, Z)`` label map in its file's voxel order.
+        affine: its voxel-to-world affine (gives the canonical order the box refers to).
+        start, end: the box ``[start, end)`` in canonical voxels, as
+            :func:`abdomen_roi_from_prediction` returns it.
+        classes: the label values counted; default every label > 0.
+
+    Returns:
+        Voxels inside the box / all such voxels, in ``[0, 1]``; 1.0 for a case without any.
+    """
+    canonical, _, _ = to_canonical(np.asarray(labels), affine)
+    selected = canonical > 0 if classes is None else np.isin(canonical, list(classes))
+    total = int(selected.sum())
+    if total == 0:
+        return 1.0
+    return float(crop(selected, start, end).sum()) / total
