@@ -1,5 +1,4 @@
-"""[from triage.py]
-Triage of a training set into the paper's data categories, and the datalists of each stage.
+"""Triage of a training set into the paper's data categories, and the datalists of each stage.
 
 SPEC.md, "Data categories" (the paper's Fig. 1): every training case is sorted twice, by its
 organ labels into *fully organ labelled* (all 13 organ classes present in the label map),

@@ -1,5 +1,4 @@
-"""[from efficiency.py]
-FLARE-style efficiency of a segmentation command: one process per case, as the challenge runs.
+"""FLARE-style efficiency of a segmentation command: one process per case, as the challenge runs.
 
 SPEC.md, "Evaluation", efficiency: the running time of a case includes start-up and model
 loading, so every case is a fresh process and its wall time is taken from start to exit. On a

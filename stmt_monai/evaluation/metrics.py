@@ -1,5 +1,4 @@
-"""[from metrics.py]
-FLARE23 evaluation: Dice, normalized surface Dice (NSD) and the official scoring rules.
+"""FLARE23 evaluation: Dice, normalized surface Dice (NSD) and the official scoring rules.
 
 SPEC.md, "Evaluation: the official FLARE23 rules". NSD is DeepMind's surface-distance method
 (Nikolov et al. 2021; the PyPI package ``surface-distance``, which FLARE's official script

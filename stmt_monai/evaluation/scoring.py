@@ -1,5 +1,4 @@
-"""[from evaluation.py]
-Score a folder of predicted label maps against a folder of ground truth, as FLARE23 does.
+"""Score a folder of predicted label maps against a folder of ground truth, as FLARE23 does.
 
 SPEC.md, "Evaluation: the official FLARE23 rules". The scores themselves come from
 :mod:`stmt_monai.evaluation.metrics` (DSC, NSD, the empty / DSC < 0.2 / slice-range rules, the summary);

@@ -1,5 +1,4 @@
-"""[from inference.py]
-The StMt cascade at inference (paper Fig. 2c; SPEC.md, "Inference"): CT in, FLARE label map out.
+"""The StMt cascade at inference (paper Fig. 2c; SPEC.md, "Inference"): CT in, FLARE label map out.
 
 1. stage 1 (bundle ``coarse_abdomen``): the whole CT, canonical RAS order, resized to 128^3,
    normalised with the stage's fingerprint; argmax at network resolution gives the abdomen;

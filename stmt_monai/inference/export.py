@@ -1,5 +1,4 @@
-"""[from export.py]
-Export a stage bundle's network: TorchScript (MONAI's ``ckpt_export``) and ONNX.
+"""Export a stage bundle's network: TorchScript (MONAI's ``ckpt_export``) and ONNX.
 
 The exported files go beside the weights they were made from (``models/model.pt`` ->
 ``models/model.ts``, ``models/model.onnx``; demo weights: ``models/demo/``), which is where the

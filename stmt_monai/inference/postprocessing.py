@@ -1,5 +1,4 @@
-"""[from postprocessing.py]
-Post-processing of the cascade's stage-2 output (paper section 2.3 and Fig. 2c).
+"""Post-processing of the cascade's stage-2 output (paper section 2.3 and Fig. 2c).
 
 - :func:`largest_component`: keep only the largest connected component of each organ class
   ("removing all but the largest connected component", applied to the organ result);

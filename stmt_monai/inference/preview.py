@@ -1,5 +1,4 @@
-"""[from visualize.py]
-Label-overlay pictures of CT volumes (PNG), for docs and for the cascade's preview.
+"""Label-overlay pictures of CT volumes (PNG), for docs and for the cascade's preview.
 
 :func:`overlay_figure` draws one case, :func:`overlay_grid` several (one row each): axial,
 coronal and sagittal slices through a centre point, in a soft-tissue window, with the label map

@@ -1,5 +1,4 @@
-"""[from report.py]
-Per-case report of a FLARE label map: organ volumes and mean HU, tumors with RECIST diameters.
+"""Per-case report of a FLARE label map: organ volumes and mean HU, tumors with RECIST diameters.
 
 :func:`case_report` measures a label map on its own grid (the cascade's output, with the input's
 affine) and :func:`write_report` writes it as JSON and CSV (atomically):

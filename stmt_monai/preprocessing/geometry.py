@@ -1,5 +1,4 @@
-"""[from preprocessing.py]
-The one preprocessing path of StMt, shared by training, evaluation and inference.
+"""The one preprocessing path of StMt, shared by training, evaluation and inference.
 
 SPEC.md, "Preprocessing" and paper section 2.1:
 

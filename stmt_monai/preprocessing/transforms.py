@@ -1,5 +1,4 @@
-"""[from transforms.py]
-MONAI transforms of StMt: the single preprocessing builder and the paper's augmentations.
+"""MONAI transforms of StMt: the single preprocessing builder and the paper's augmentations.
 
 :func:`stage_transforms` is the one builder that every bundle's train, evaluate and inference
 configs call (``"$stmt_monai.preprocessing.transforms.stage_transforms(...)"`` or by ``_target_``): it loads a

@@ -1,5 +1,4 @@
-"""[from pseudo_label.py]
-Pseudo labels of the self-training teacher: steps 2 and 3 of self-training (paper Fig. 2a).
+"""Pseudo labels of the self-training teacher: steps 2 and 3 of self-training (paper Fig. 2a).
 
 SPEC.md, "Organs by self-training": the teacher, trained on the fully organ labelled cases,
 predicts every partially labelled and unlabelled case; a partial case's prediction is corrected

@@ -1,5 +1,4 @@
-"""[from cohort.py]
-A synthetic FLARE23-like cohort made from one real abdominal CT and its organ mask.
+"""A synthetic FLARE23-like cohort made from one real abdominal CT and its organ mask.
 
 The source is the TotalSegmentator CT shipped in ``stmt_monai/example_data`` (3 mm, RAS, HU,
 non-contrast, abdomen down to the pelvis; FLARE organ labels, no esophagus, no tumor). Every

@@ -1,5 +1,4 @@
-"""[from distributed.py]
-torch.distributed for the bundles' ``multi_gpu_*.json`` configs (one process per GPU, by torchrun).
+"""torch.distributed for the bundles' ``multi_gpu_*.json`` configs (one process per GPU, by torchrun).
 
 The model-zoo convention: ``torchrun --nproc_per_node N -m monai.bundle run ...`` with a
 ``multi_gpu_train.json`` layered over the bundle's training config. The config calls

@@ -1,5 +1,4 @@
-"""[from engines.py]
-Training engines of StMt: MONAI's ``SupervisedTrainer`` with the paper's two objectives.
+"""Training engines of StMt: MONAI's ``SupervisedTrainer`` with the paper's two objectives.
 
 - :class:`SelfTrainingTrainer`: the student of self-training (stage 1 and organs). Each batch
   mixes fully labelled, CPL and PL cases; the loss sees each item's stream, eq. (1):

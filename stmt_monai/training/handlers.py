@@ -1,5 +1,4 @@
-"""[from handlers.py]
-Ignite handlers of StMt bundles: atomic checkpoints, resume, best model.
+"""Ignite handlers of StMt bundles: atomic checkpoints, resume, best model.
 
 MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a kill during a save can
 leave a truncated file that the next run fails to load. These handlers write to a temporary

@@ -1,5 +1,4 @@
-"""[from losses.py]
-The training objectives of StMt: Dice + cross-entropy per stream of training data, weighted.
+"""The training objectives of StMt: Dice + cross-entropy per stream of training data, weighted.
 
 Paper section 2.2 (SPEC.md, "Organs by self-training", "Tumors by mean teacher"):
 

@@ -1,5 +1,4 @@
-"""[from semisupervision.py]
-Semi-supervision of StMt: corrected pseudo labels, three-stream batches, the EMA teacher.
+"""Semi-supervision of StMt: corrected pseudo labels, three-stream batches, the EMA teacher.
 
 Paper section 2.2 (Fig. 2a, 2b); SPEC.md "Organs by self-training" and "Tumors by mean teacher".
 
