@@ -2,7 +2,7 @@
 
 Every label number in the project comes from here: the 13 abdominal organs in FLARE order,
 the pan-cancer tumor class, the official NSD tolerances, and the target maps of each stage
-(SPEC.md, "Preprocessing": stage 1 -> one abdomen class; organ target with tumor -> 0;
+(paper section 2.1: stage 1 -> one abdomen class; organ target with tumor -> 0;
 tumor target with organs -> 0).
 """
 

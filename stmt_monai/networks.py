@@ -1,6 +1,6 @@
 """The networks of StMt, built from MONAI's own classes.
 
-Paper sections 2.2 and 3.2 (SPEC.md, "Organs by self-training" and "Tumors by mean teacher"):
+Paper sections 2.2 and 3.2:
 
 - the **student** of every stage (coarse abdomen, organs, tumor; also the EMA teacher of the
   tumor mean teacher) is a small Res-UNet: residual units, 16 base channels, 5 down-samplings
@@ -188,7 +188,7 @@ def teacher_network(
     num_downsamplings: int = STUDENT_NUM_DOWNSAMPLINGS,
     use_v2: bool = True,
 ) -> torch.nn.Module:
-    """The self-training teacher (SPEC step 1): large, accurate, used with a sliding window.
+    """The self-training teacher (step 1): large, accurate, used with a sliding window.
 
     The paper's teacher is PHTrans inside nnU-Net's default configuration; MONAI has no PHTrans,
     so two stand-ins are offered:

@@ -27,10 +27,8 @@ LIVER = ORGAN_CLASSES[0]
 
 
 def _real_mask() -> np.ndarray:
-    """FLARE-ordered organ label map of the real 3 mm CT (packaged copy, else ../shared)."""
+    """FLARE-ordered organ label map of the real 3 mm CT (the packaged copy)."""
     path = REPO / "stmt_monai" / "example_data" / REAL_ORGANS
-    if not path.exists():
-        path = REPO.parent / "shared" / "data" / "real" / REAL_ORGANS
     return np.asarray(nib.load(str(path)).dataobj)
 
 

@@ -1,5 +1,5 @@
-"""Steps 2-3 of self-training: the correction rule, the pseudo-label job, the student's batches
-and its weighted loss (paper section 2.2, eq. (1); SPEC.md "Organs by self-training").
+"""Self-training steps 2 and 3: the correction rule, the pseudo-label job, the student's batches
+and its weighted loss (paper section 2.2, Fig. 2a, eq. (1)).
 
 The correction rule is tested on hand-made arrays; the job (``stmt_monai.training.pseudo_label``) on a
 tiny generated cohort with teachers whose output is known exactly.

@@ -1,15 +1,12 @@
-"""Semi-supervision of StMt: corrected pseudo labels, three-stream batches, the EMA teacher.
+"""Datalists of the training workflows: MONAI datalist JSON in, lists of case dicts out.
 
-Paper section 2.2 (Fig. 2a, 2b); SPEC.md "Organs by self-training" and "Tumors by mean teacher".
-
-- :func:`correct_pseudo_label`: step 3 of self-training, the paper's exact rule.
-- :func:`correct_tumor_pseudo_label`: the mean teacher's real-time correction.
-- :class:`StreamBatchSampler`: every batch holds fully labelled, corrected pseudo-labelled
-  (CPL) and pseudo-labelled (PL) cases in equal proportions.
-- :func:`student_datalist`: the student's training list, each case tagged with its stream.
-- :func:`ema_teacher`: the mean teacher's EMA of the student (ignite's ``EMAHandler``).
-- :func:`attach_roi`: the stage-2 region of interest of each tumor case (organ pseudo label,
-  the case's own organ labels, or the whole image).
+- :func:`load_datalist`: one section of a datalist JSON, paths made absolute;
+- :func:`student_datalist`: the self-training student's list (paper section 2.2, self-training
+  step 3): the fully labelled cases and the pseudo-label job's output, each case tagged with its
+  stream (``labelled``, ``cpl`` or ``pl``) for :class:`~stmt_monai.data.sampling.StreamBatchSampler`
+  and the three terms of eq. (1);
+- :func:`attach_roi`: the stage-2 region of interest of each case of the tumor student's list
+  (an organ pseudo label or stage-1 mask, the case's own organ labels, or the whole image).
 """
 
 from __future__ import annotations

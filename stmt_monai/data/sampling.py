@@ -1,15 +1,11 @@
-"""Semi-supervision of StMt: corrected pseudo labels, three-stream batches, the EMA teacher.
+"""The self-training student's batches: fully labelled, CPL and PL cases in equal proportions.
 
-Paper section 2.2 (Fig. 2a, 2b); SPEC.md "Organs by self-training" and "Tumors by mean teacher".
-
-- :func:`correct_pseudo_label`: step 3 of self-training, the paper's exact rule.
-- :func:`correct_tumor_pseudo_label`: the mean teacher's real-time correction.
-- :class:`StreamBatchSampler`: every batch holds fully labelled, corrected pseudo-labelled
-  (CPL) and pseudo-labelled (PL) cases in equal proportions.
-- :func:`student_datalist`: the student's training list, each case tagged with its stream.
-- :func:`ema_teacher`: the mean teacher's EMA of the student (ignite's ``EMAHandler``).
-- :func:`attach_roi`: the stage-2 region of interest of each tumor case (organ pseudo label,
-  the case's own organ labels, or the whole image).
+Paper section 2.2 (Fig. 2a): "the input batch for model training consisted of these three types
+of data in equal proportions". :class:`StreamBatchSampler` is the ``batch_sampler`` of the
+``coarse_abdomen`` and ``organ_selftrain`` students: it fills every batch round-robin over the
+streams that :func:`stmt_monai.data.datalists.student_datalist` tags, so that each term of eq. (1)
+sees its own kind of case in every batch; under torch.distributed each rank takes a disjoint
+share of every stream.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Triage of a training set into the paper's data categories, and the datalists of each stage.
 
-SPEC.md, "Data categories" (the paper's Fig. 1): every training case is sorted twice, by its
+Paper section 2 and Fig. 1: every training case is sorted twice, by its
 organ labels into *fully organ labelled* (all 13 organ classes present in the label map),
 *partially organ labelled* (some) and *non-organ labelled* (none; unlabelled scans count here
 too), and by its tumor label into *tumor annotated* and *not tumor annotated*.

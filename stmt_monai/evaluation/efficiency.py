@@ -1,6 +1,6 @@
 """FLARE-style efficiency of a segmentation command: one process per case, as the challenge runs.
 
-SPEC.md, "Evaluation", efficiency: the running time of a case includes start-up and model
+Paper section 3.1 and FLARE23's rules: a case's running time includes start-up and model
 loading, so every case is a fresh process and its wall time is taken from start to exit. On a
 GPU the device's memory is sampled every 0.1 s as total minus free (NVML; the CUDA context and
 anything else on the device counts, as in FLARE), giving the maximum sample and the area under
@@ -35,7 +35,7 @@ from stmt_monai.io import ITK_SUFFIXES, NIFTI_SUFFIXES, case_name, write_text_at
 MB = 2**20
 
 
-#: FLARE23 tolerated 15 s and 4 GB of GPU memory per case (SPEC.md)
+#: FLARE23 tolerated 15 s and 4 GB of GPU memory per case (paper section 3.1)
 FLARE23_TIME_LIMIT_S = 15.0
 
 

@@ -1,6 +1,6 @@
 """FLARE23 evaluation: Dice, normalized surface Dice (NSD) and the official scoring rules.
 
-SPEC.md, "Evaluation: the official FLARE23 rules". NSD is DeepMind's surface-distance method
+Paper section 3.1, scored by the official FLARE23 rules. NSD is DeepMind's surface-distance method
 (Nikolov et al. 2021; the PyPI package ``surface-distance``, which FLARE's official script
 copies), re-implemented here so that the package is only a test dependency; the tests check
 that both agree to 1e-6.

@@ -1,6 +1,6 @@
 """Score a folder of predicted label maps against a folder of ground truth, as FLARE23 does.
 
-SPEC.md, "Evaluation: the official FLARE23 rules". The scores themselves come from
+Paper section 3.1, by the official FLARE23 rules. The scores themselves come from
 :mod:`stmt_monai.evaluation.metrics` (DSC, NSD, the empty / DSC < 0.2 / slice-range rules, the summary);
 this module pairs the files, reads one case at a time, lists every case it cannot score with a
 one-line reason instead of stopping, and writes the tables.

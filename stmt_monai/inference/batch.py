@@ -1,29 +1,15 @@
-"""The StMt cascade at inference (paper Fig. 2c; SPEC.md, "Inference"): CT in, FLARE label map out.
+"""The cascade over a file, a folder or a DICOM series: one case at a time, outputs written atomically.
 
-1. stage 1 (bundle ``coarse_abdomen``): the whole CT, canonical RAS order, resized to 128^3,
-   normalised with the stage's fingerprint; argmax at network resolution gives the abdomen;
-2. region of interest: the abdomen's bounding box mapped back to the original grid, plus a
-   margin in mm (:func:`stmt_monai.preprocessing.roi.abdomen_roi_from_prediction`);
-3. stage 2: that box cropped from the original-resolution CT and resized to 192^3 once for both
-   students (``organ_selftrain`` and ``tumor_meanteacher``; normalised once if their
-   fingerprints are equal); argmax of each at network resolution;
-4. post-processing at network resolution: largest connected component per organ class, tumor
-   laid over the organs (:mod:`stmt_monai.inference.postprocessing`);
-5. nearest-neighbour restore into the crop and zero padding to the input's exact shape, in the
-   file's own voxel order (:func:`stmt_monai.preprocessing.geometry.restore_label_map`).
+- :func:`output_paths`: ``<case>.nii.gz`` (FLARE naming), ``<case>_report.json`` / ``.csv``,
+  ``<case>_preview.png``;
+- :func:`segment_case`: one case through a loaded :class:`~stmt_monai.inference.cascade.Cascade`,
+  its mask, report (:mod:`stmt_monai.inference.report`) and optional preview
+  (:mod:`stmt_monai.inference.preview`) written; an existing mask is skipped unless ``overwrite``;
+- :func:`segment_folder`: every case of an input (:func:`stmt_monai.io.find_cases`;
+  :func:`shard_cases` splits a batch across processes); a case that fails is recorded with a
+  one-line reason and the batch goes on (:class:`BatchResult`).
 
-The argmax is always taken at network resolution: an argmax over a full-resolution 14-channel
-probability map of a 512 x 512 x 300 CT costs ~17 s on 2 CPU cores and ~9 GB, labels restored
-with nearest cost well under a second.
-
-Each stage's network is read from its bundle (:class:`StageModel`): ``configs/common.json`` and
-``configs/inference.json`` layered with :class:`monai.bundle.ConfigParser` (ids ``network_def``,
-``spatial_size``, ``fingerprint``, ``ckpt_dir``/``model_path``, ``inference_network``), and,
-for the shipped demo weights, ``configs/demo.json`` on top (see :func:`bundle_config`).
-
-:class:`Cascade` loads the three networks once; :func:`segment_case` writes one case's mask,
-report and optional preview; :func:`segment_folder` runs a file, a folder or a DICOM series
-folder (used by the ``cascade`` bundle and by ``stmt-segment``).
+Used by the ``cascade`` bundle (its ``batch`` id) and by ``stmt-segment`` (:mod:`stmt_monai.cli`).
 """
 
 from __future__ import annotations

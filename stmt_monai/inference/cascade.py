@@ -1,4 +1,4 @@
-"""The StMt cascade at inference (paper Fig. 2c; SPEC.md, "Inference"): CT in, FLARE label map out.
+"""The two-stage inference of StMt (paper Fig. 2c, section 2.3): CT in, FLARE label map out.
 
 1. stage 1 (bundle ``coarse_abdomen``): the whole CT, canonical RAS order, resized to 128^3,
    normalised with the stage's fingerprint; argmax at network resolution gives the abdomen;
@@ -16,14 +16,10 @@ The argmax is always taken at network resolution: an argmax over a full-resoluti
 probability map of a 512 x 512 x 300 CT costs ~17 s on 2 CPU cores and ~9 GB, labels restored
 with nearest cost well under a second.
 
-Each stage's network is read from its bundle (:class:`StageModel`): ``configs/common.json`` and
-``configs/inference.json`` layered with :class:`monai.bundle.ConfigParser` (ids ``network_def``,
-``spatial_size``, ``fingerprint``, ``ckpt_dir``/``model_path``, ``inference_network``), and,
-for the shipped demo weights, ``configs/demo.json`` on top (see :func:`bundle_config`).
-
-:class:`Cascade` loads the three networks once; :func:`segment_case` writes one case's mask,
-report and optional preview; :func:`segment_folder` runs a file, a folder or a DICOM series
-folder (used by the ``cascade`` bundle and by ``stmt-segment``).
+:class:`Cascade` loads the three stages once (each a
+:class:`~stmt_monai.inference.stage.StageModel` read from its bundle) and segments any number of
+cases; :class:`CascadeResult` is one case's labels, ROI and step timings. Writing the outputs of a
+file, folder or DICOM series is :mod:`stmt_monai.inference.batch`'s.
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
-"""The one preprocessing path of StMt, shared by training, evaluation and inference.
+"""The dataset's intensity fingerprint and the normalisation it defines (paper section 2.1).
 
-SPEC.md, "Preprocessing" and paper section 2.1:
-
-- intensity: clip at the 0.5 / 99.5 percentiles of foreground voxels, z-score with the global
-  foreground mean and sd, numbers from a dataset fingerprint (:class:`Fingerprint`);
-- stage 1: the whole CT resampled to 128^3;
-- stage 2: the region of interest found by stage 1, cropped from the original-resolution CT
-  and resampled to 192^3; in training the box of the label (:func:`abdomen_roi`), at inference
-  the box of stage 1's prediction (:func:`abdomen_roi_from_prediction`; :func:`roi_coverage`
-  measures the share of a case's labelled voxels it keeps);
-- the inverse (:func:`restore_label_map`): a label map at network resolution goes back to the
-  crop (nearest neighbour), is zero-padded into the full grid and returned in the input file's
-  own voxel order, so it can be written with the input's exact shape and affine.
-
-All geometry is done in a canonical RAS voxel order (:func:`to_canonical`), so a file in any
-orientation gives the same network input; :class:`CaseGeometry` records what was done so
-the inverse is exact.
+"The 0.5 and 99.5 percentiles of the foreground voxels for clipping as well as the global
+foreground mean and s.d. for the normalization" (nnU-Net's CT scheme).
+:func:`foreground_fingerprint` computes the four numbers once over the labelled training cases
+(at most :data:`FINGERPRINT_SAMPLES_PER_CASE` voxels with label > 0 per case, pooled);
+:class:`Fingerprint` stores them (``fingerprint.json``, copied into each bundle's ``models/``
+when training starts, so inference uses exactly the training values) and applies them
+(:meth:`Fingerprint.normalize`: HU in, clipped and z-scored intensities out).
 """
 
 from __future__ import annotations

@@ -1,21 +1,17 @@
-"""The one preprocessing path of StMt, shared by training, evaluation and inference.
+"""Geometry of the one preprocessing path and its exact inverse (paper section 2.1 and Fig. 2c).
 
-SPEC.md, "Preprocessing" and paper section 2.1:
+- :func:`to_canonical` / :func:`from_canonical`: a volume in canonical RAS voxel order and back,
+  so a file in any orientation gives the same network input;
+- :func:`crop`, :func:`resize`: the region-of-interest crop and the resampling to a fixed network
+  size (trilinear for images, nearest for labels);
+- :class:`CaseGeometry`: what was done to one case (input shape and affine, orientation, crop box,
+  network size);
+- :func:`restore_label_map`: the inverse for a label map, "restored to the size of the original
+  data by resampling and zero padding": nearest-neighbour back into the crop, zero padding to the
+  full grid, in the input file's own voxel order, so it is written with the input's exact shape
+  and affine.
 
-- intensity: clip at the 0.5 / 99.5 percentiles of foreground voxels, z-score with the global
-  foreground mean and sd, numbers from a dataset fingerprint (:class:`Fingerprint`);
-- stage 1: the whole CT resampled to 128^3;
-- stage 2: the region of interest found by stage 1, cropped from the original-resolution CT
-  and resampled to 192^3; in training the box of the label (:func:`abdomen_roi`), at inference
-  the box of stage 1's prediction (:func:`abdomen_roi_from_prediction`; :func:`roi_coverage`
-  measures the share of a case's labelled voxels it keeps);
-- the inverse (:func:`restore_label_map`): a label map at network resolution goes back to the
-  crop (nearest neighbour), is zero-padded into the full grid and returned in the input file's
-  own voxel order, so it can be written with the input's exact shape and affine.
-
-All geometry is done in a canonical RAS voxel order (:func:`to_canonical`), so a file in any
-orientation gives the same network input; :class:`CaseGeometry` records what was done so
-the inverse is exact.
+Arrays are ``(X, Y, Z)`` (or ``(C, X, Y, Z)``) in voxels; affines are 4 x 4 voxel-to-RAS in mm.
 """
 
 from __future__ import annotations

@@ -1,21 +1,16 @@
-"""The one preprocessing path of StMt, shared by training, evaluation and inference.
+"""The stage-2 region of interest: a bounding box plus a margin in mm (paper sections 2.1-2.2, Fig. 2c).
 
-SPEC.md, "Preprocessing" and paper section 2.1:
+- :func:`abdomen_roi`: the box of a mask (``> 0``) grown by a margin in mm and clamped; in
+  training the mask is the case's label (or an organ pseudo label for the tumor student), and
+  the margin can be jittered per side (an augmentation, ``roi_jitter_mm`` of ``organ_selftrain``);
+- :func:`abdomen_roi_from_prediction`: at inference, the box of stage 1's abdomen mask (small
+  far components dropped) mapped from the 128^3 network grid to the input's canonical grid, grown
+  by :data:`ROI_MARGIN_MM` (10 mm; the paper gives no margin: it covers the coarse mask's
+  blockiness);
+- :func:`scale_box`: a voxel box from one grid to another over the same field of view;
+- :func:`roi_coverage`: the share of a case's labelled voxels inside a box.
 
-- intensity: clip at the 0.5 / 99.5 percentiles of foreground voxels, z-score with the global
-  foreground mean and sd, numbers from a dataset fingerprint (:class:`Fingerprint`);
-- stage 1: the whole CT resampled to 128^3;
-- stage 2: the region of interest found by stage 1, cropped from the original-resolution CT
-  and resampled to 192^3; in training the box of the label (:func:`abdomen_roi`), at inference
-  the box of stage 1's prediction (:func:`abdomen_roi_from_prediction`; :func:`roi_coverage`
-  measures the share of a case's labelled voxels it keeps);
-- the inverse (:func:`restore_label_map`): a label map at network resolution goes back to the
-  crop (nearest neighbour), is zero-padded into the full grid and returned in the input file's
-  own voxel order, so it can be written with the input's exact shape and affine.
-
-All geometry is done in a canonical RAS voxel order (:func:`to_canonical`), so a file in any
-orientation gives the same network input; :class:`CaseGeometry` records what was done so
-the inverse is exact.
+Boxes are ``(start, end)`` in canonical RAS voxels, ``[start, end)`` per axis.
 """
 
 from __future__ import annotations

@@ -1,21 +1,12 @@
-"""The one preprocessing path of StMt, shared by training, evaluation and inference.
+"""One stage's network input from a CT (paper section 2.1): orientation, region of interest, resize.
 
-SPEC.md, "Preprocessing" and paper section 2.1:
-
-- intensity: clip at the 0.5 / 99.5 percentiles of foreground voxels, z-score with the global
-  foreground mean and sd, numbers from a dataset fingerprint (:class:`Fingerprint`);
-- stage 1: the whole CT resampled to 128^3;
-- stage 2: the region of interest found by stage 1, cropped from the original-resolution CT
-  and resampled to 192^3; in training the box of the label (:func:`abdomen_roi`), at inference
-  the box of stage 1's prediction (:func:`abdomen_roi_from_prediction`; :func:`roi_coverage`
-  measures the share of a case's labelled voxels it keeps);
-- the inverse (:func:`restore_label_map`): a label map at network resolution goes back to the
-  crop (nearest neighbour), is zero-padded into the full grid and returned in the input file's
-  own voxel order, so it can be written with the input's exact shape and affine.
-
-All geometry is done in a canonical RAS voxel order (:func:`to_canonical`), so a file in any
-orientation gives the same network input; :class:`CaseGeometry` records what was done so
-the inverse is exact.
+:func:`prepare_volume` brings a CT (and optionally its label map) to canonical RAS order, crops
+the stage-2 region of interest (from a mask: :func:`~stmt_monai.preprocessing.roi.abdomen_roi`, or
+a box stage 1 found) and resamples to the network size: the whole CT to :data:`STAGE1_SIZE`
+(128^3) in stage 1, the crop to :data:`STAGE2_SIZE` (192^3) in stage 2, or to a fixed voxel
+spacing for the sliding-window teacher. It returns the :class:`~stmt_monai.preprocessing.geometry.CaseGeometry`
+that :func:`~stmt_monai.preprocessing.geometry.restore_label_map` inverts. Intensities stay in HU
+here: the fingerprint normalises them (:mod:`stmt_monai.preprocessing.fingerprint`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,14 @@
 configs call (``"$stmt_monai.preprocessing.transforms.stage_transforms(...)"`` or by ``_target_``): it loads a
 case, brings it to canonical RAS order, crops the region of interest (stage 2), resamples to
 the network size, clips and z-scores with the fingerprint, and maps the label to the stage's
-target (:func:`stmt_monai.labels.stage_target_map`). With ``train=True`` it appends the paper's
-online augmentations (:func:`augmentations`).
+target (:func:`stmt_monai.labels.stage_target_map`; paper section 2.1). With ``train=True`` it
+appends the paper's online augmentations of section 3.2 (:func:`augmentations`).
+
+The bundles' evaluate and inference configs undo it with the post-processing transforms here:
+:class:`RestoreLabelMapd` (network-resolution labels back to the input's grid),
+:class:`ToFlareLabelsd` (channel indices to FLARE labels), :class:`SaveLabelMapd`,
+:class:`LoadTargetd` (the target at full resolution, for scoring) and :class:`AbdomenRoid`
+(stage 1's region of interest, for stage 2).
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ def target_lookup(stage: str) -> np.ndarray:
 
 
 class LoadStageInputd(MapTransform, Randomizable):
-    """Load a case and prepare it for one stage's network (SPEC.md, "Preprocessing").
+    """Load a case and prepare it for one stage's network (paper section 2.1).
 
     Input dict: ``image`` (path: NIfTI, ITK file or DICOM folder), optional ``label``
     (path), optional ``roi`` (path of a mask on the image's grid whose bounding box is the
@@ -176,7 +182,7 @@ def augmentations(
             all_keys,
             prob=0.2,
             rotate_range=(rotation, rotation, rotation),
-            scale_range=(0.3, 0.3, 0.3),  # factor 0.7..1.4 as nnU-Net
+            scale_range=(0.3, 0.3, 0.3),  # factor 0.7..1.3 (nnU-Net: 0.7..1.4)
             mode=modes,
             padding_mode="border",
             spatial_size=spatial_size,

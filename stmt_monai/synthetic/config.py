@@ -1,47 +1,12 @@
-"""A synthetic FLARE23-like cohort made from one real abdominal CT and its organ mask.
+"""What a synthetic cohort is made of: :class:`CohortConfig` and :class:`SyntheticCase`.
 
-The source is the TotalSegmentator CT shipped in ``stmt_monai/example_data`` (3 mm, RAS, HU,
-non-contrast, abdomen down to the pelvis; FLARE organ labels, no esophagus, no tumor). Every
-case is drawn from a seed (:func:`synthesize_case`):
-
-- anatomy: a random affine (rotation, anisotropic scaling, translation) and a smooth elastic
-  deformation (cubic B-spline field), applied to image and mask in one resampling
-  (``scipy.ndimage.map_coordinates``, order 1 for HU, order 0 for labels) of the source in world
-  coordinates, so the output grid (field of view, spacing) is independent of the source's;
-- field of view: some cases upper abdomen only, some down to the pelvis; random in-plane margins
-  (extra air or a tighter crop that never cuts an organ); output in-plane spacing follows from
-  ``size`` voxels across the field of view; some cases get an anisotropic slice spacing;
-- intensity: a contrast phase per case (per-organ HU shifts), global offset, blur and noise;
-- tumors: 0..3 lobulated lesions (5..40 mm, mostly hypodense) in liver, kidneys, pancreas,
-  spleen or stomach, and some outside every organ in the lower abdomen (the paper's hard case),
-  all labelled :data:`~stmt_monai.labels.TUMOR`.
-
-**Esophagus.** The source mask has no esophagus label. So that "fully organ labelled"
-means what it means on FLARE (all 13 organ classes annotated), the source is given a plausible
-abdominal esophagus once, before any case is drawn (:func:`source_volume`): a soft-tissue tube of
-7 mm radius from the top slice, anterior-left of the aorta, down to the stomach's cardia, drawn
-only on background voxels. Every case's full truth therefore holds all 13 organs (unless a
-deformation squeezes a tiny one out of a coarse grid; the annotation set is always taken from
-what is actually present, so policy and files agree).
-
-**Annotation policy** (:func:`make_cohort`), as FLARE23 pools datasets: of the labelled cases a
-small share is fully organ labelled, many are partial (single-organ datasets: liver only,
-kidneys only (both kidneys), pancreas only, spleen only; and random organ subsets), some have no
-organ label; most cases carry tumor annotations, some of those with a second tumor left
-unannotated (background in the label, tumor in the hidden truth); plus an unlabelled pool.
-Partial labels are always a subset of the hidden full truth (same value wherever they are > 0).
-
-Output (FLARE23 layout)::
-
-    imagesTr/<name>_0000.nii.gz  labelsTr/<name>.nii.gz   labelled training cases (partial labels)
-    unlabeled/<name>_0000.nii.gz                           the unlabelled pool
-    validation/images, validation/labels                   fully labelled (all organs and tumors)
-    test/images, test/labels                               fully labelled
-    truth/<name>.nii.gz                                    hidden full truth of every training case
-    policy.json                                            each case's category and the counts
-
-Images are int16 HU, labels uint8; files are byte-for-byte reproducible from the seed
-(nibabel writes gzip with mtime 0 and no file name).
+:class:`CohortConfig` holds the number of cases per split, the grid size, the ranges of every
+random draw (affine, elastic field, field of view, slice spacing, noise, blur, lesions) and the
+annotation policy: the share of labelled cases of each kind in :data:`ANNOTATION_KINDS` (fully
+organ labelled, liver / kidneys / pancreas / spleen only, a random organ subset, no organ: the
+categories of the paper's Fig. 1, as FLARE23 pools single-organ datasets) and the shares of
+tumor-annotated cases and of unannotated second tumors. :class:`SyntheticCase` is one drawn case
+(image, full truth, affine, lesions).
 """
 
 from __future__ import annotations

@@ -1,29 +1,11 @@
-"""Pseudo labels of the self-training teacher: steps 2 and 3 of self-training (paper Fig. 2a).
+"""Oracle pseudo labels of a synthetic cohort: its hidden full truth in place of the organ teacher.
 
-SPEC.md, "Organs by self-training": the teacher, trained on the fully organ labelled cases,
-predicts every partially labelled and unlabelled case; a partial case's prediction is corrected
-with its annotation (:func:`stmt_monai.training.self_training.correct_pseudo_label`, the paper's exact
-rule) into a *corrected pseudo label* (CPL); an unlabelled case keeps its plain *pseudo label*
-(PL). :func:`generate_pseudo_labels` is the batch job behind the ``pseudo_label`` workflow of
-``bundles/organ_selftrain``:
-
-- one case at a time (nothing is held all at once), the teacher's fixed-spacing whole-CT input
-  from :func:`stmt_monai.preprocessing.transforms.stage_transforms` (no region-of-interest crop: unlabelled
-  cases have none before stage 1), sliding-window inference, argmax, back to the file's own
-  grid (:func:`stmt_monai.preprocessing.geometry.restore_label_map`), correction at the annotation's own
-  resolution, atomic NIfTI write;
-- resumable: a case whose pseudo label and datalist record exist is skipped; the datalist is
-  rewritten (atomically) after every case, so a killed job leaves a valid datalist;
-- a bad case (unreadable file, label on another grid...) is reported and skipped;
-- beyond the paper (its own future work, section 4.5): a quality score per case (the teacher's
-  confidence, :func:`teacher_confidence`) and an optional threshold that leaves the worst cases
-  out of the student's datalist. Off by default.
-
-Label space: pseudo labels are FLARE label maps (organs 1..13) because one organ teacher serves
-both self-training stages: the stage-1 student reads them as "every label > 0 is abdomen", the
-organ student maps tumor to 0 on load (:func:`stmt_monai.labels.stage_target_map`). The teacher
-never predicts tumor; a partial case's *annotated* tumor (label 14) is kept in its written
-pseudo label (:func:`keep_annotated_tumor`), since stage 1's target is every label > 0.
+:func:`oracle_pseudo_labels` writes what self-training step 2 writes (paper section 2.2; the
+files and datalist of :func:`stmt_monai.training.pseudo_label.generate_pseudo_labels`, corrected
+by the same :func:`~stmt_monai.training.self_training.correct_pseudo_label`), but with the cohort's
+``truth/`` (tumor removed) as the teacher's prediction: a teacher with no errors, for the demo
+weights, benchmarks and tests, where training a real teacher would take hours. A real dataset
+has no hidden truth.
 """
 
 from __future__ import annotations

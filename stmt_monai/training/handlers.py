@@ -1,4 +1,11 @@
-"""Ignite handlers of StMt bundles: atomic checkpoints, resume, best model.
+"""Ignite handlers of the StMt training workflows: checkpoints, resume, validation, logging.
+
+- :class:`ResumableCheckpoint`: the whole training state every epoch, and resume from it;
+- :class:`BestCheckpoint`: ``models/model.pt`` whenever the validator's key metric improves;
+- :class:`ValidationHandler`: MONAI's, plus a validation after an off-interval last epoch;
+- :func:`loss_terms`, :func:`image_path_meta`: what ``StatsHandler`` / ``TensorBoardStatsHandler``
+  log (the total loss and each stream's term of eq. (1) or (2)) and how ``MetricsSaver`` names
+  cases.
 
 MONAI's ``CheckpointSaver`` writes in place (``atomic=False``), so a kill during a save can
 leave a truncated file that the next run fails to load. These handlers write to a temporary

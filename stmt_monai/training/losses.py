@@ -1,6 +1,6 @@
 """The training objectives of StMt: Dice + cross-entropy per stream of training data, weighted.
 
-Paper section 2.2 (SPEC.md, "Organs by self-training", "Tumors by mean teacher"):
+Paper section 2.2 (Fig. 2a, 2b):
 
 - organs, eq. (1): every batch holds fully labelled, corrected-pseudo-labelled (CPL) and
   pseudo-labelled (PL) cases in equal proportions; the loss is computed separately on each

@@ -1,15 +1,12 @@
-"""Semi-supervision of StMt: corrected pseudo labels, three-stream batches, the EMA teacher.
+"""The mean teacher of the tumor network (paper section 2.2, Fig. 2b, eq. (2)).
 
-Paper section 2.2 (Fig. 2a, 2b); SPEC.md "Organs by self-training" and "Tumors by mean teacher".
+- :func:`ema_teacher`: the teacher, an exponential moving average (EMA) of the student's weights
+  (ignite's ``EMAHandler``; decay :data:`EMA_DECAY`, which the paper does not give);
+- :func:`correct_tumor_pseudo_label`: the real-time correction of the teacher's prediction with
+  the batch's tumor annotation; the result is the target of ``L_cpl`` in eq. (2);
+- :func:`sigmoid_rampup`: the optional ramp-up of lambda (not in the paper; off by default).
 
-- :func:`correct_pseudo_label`: step 3 of self-training, the paper's exact rule.
-- :func:`correct_tumor_pseudo_label`: the mean teacher's real-time correction.
-- :class:`StreamBatchSampler`: every batch holds fully labelled, corrected pseudo-labelled
-  (CPL) and pseudo-labelled (PL) cases in equal proportions.
-- :func:`student_datalist`: the student's training list, each case tagged with its stream.
-- :func:`ema_teacher`: the mean teacher's EMA of the student (ignite's ``EMAHandler``).
-- :func:`attach_roi`: the stage-2 region of interest of each tumor case (organ pseudo label,
-  the case's own organ labels, or the whole image).
+:class:`stmt_monai.training.engines.MeanTeacherTrainer` uses them at every iteration.
 """
 
 from __future__ import annotations

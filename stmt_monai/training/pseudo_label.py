@@ -1,9 +1,8 @@
-"""Pseudo labels of the self-training teacher: steps 2 and 3 of self-training (paper Fig. 2a).
+"""Pseudo labels of the self-training teacher: self-training step 2 (paper section 2.2, Fig. 2a).
 
-SPEC.md, "Organs by self-training": the teacher, trained on the fully organ labelled cases,
-predicts every partially labelled and unlabelled case; a partial case's prediction is corrected
-with its annotation (:func:`stmt_monai.training.self_training.correct_pseudo_label`, the paper's exact
-rule) into a *corrected pseudo label* (CPL); an unlabelled case keeps its plain *pseudo label*
+The teacher, trained on the fully organ labelled cases (step 1), predicts every partially
+labelled and unlabelled case; a partial case's prediction is corrected with its annotation
+(:func:`stmt_monai.training.self_training.correct_pseudo_label`, the paper's exact rule) into a *corrected pseudo label* (CPL); an unlabelled case keeps its plain *pseudo label*
 (PL). :func:`generate_pseudo_labels` is the batch job behind the ``pseudo_label`` workflow of
 ``bundles/organ_selftrain``:
 
@@ -184,7 +183,7 @@ def generate_pseudo_labels(
     progress: bool = True,
     jobs_key: str = "training",
 ) -> dict:
-    """Predict, correct and write the pseudo label of every job case (SPEC.md steps 2-3).
+    """Predict, correct and write the pseudo label of every job case (self-training step 2).
 
     For each case: the teacher's preprocessing (whole CT, canonical RAS, resampled to
     ``teacher_spacing_mm``, clipped and z-scored with ``fingerprint``), sliding-window

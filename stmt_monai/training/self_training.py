@@ -1,15 +1,14 @@
-"""Semi-supervision of StMt: corrected pseudo labels, three-stream batches, the EMA teacher.
+"""Correction of the teacher's pseudo labels with partial annotations (self-training step 2).
 
-Paper section 2.2 (Fig. 2a, 2b); SPEC.md "Organs by self-training" and "Tumors by mean teacher".
+Paper section 2.2, Fig. 2a: "in step 2), we use partial annotations to correct pseudo-labels".
 
-- :func:`correct_pseudo_label`: step 3 of self-training, the paper's exact rule.
-- :func:`correct_tumor_pseudo_label`: the mean teacher's real-time correction.
-- :class:`StreamBatchSampler`: every batch holds fully labelled, corrected pseudo-labelled
-  (CPL) and pseudo-labelled (PL) cases in equal proportions.
-- :func:`student_datalist`: the student's training list, each case tagged with its stream.
-- :func:`ema_teacher`: the mean teacher's EMA of the student (ignite's ``EMAHandler``).
-- :func:`attach_roi`: the stage-2 region of interest of each tumor case (organ pseudo label,
-  the case's own organ labels, or the whole image).
+- :func:`annotated_organ_classes`: the set A of organ classes annotated in a partial label;
+- :func:`correct_pseudo_label`: the paper's rule: voxels of the pseudo label whose value is in A
+  are set to 0, then every annotated voxel's label is written at its position. The result is a
+  corrected pseudo label (CPL); an unlabelled case keeps its plain pseudo label (PL).
+
+Label maps are ``(X, Y, Z)`` integer arrays in FLARE numbering, on the annotation's own grid.
+The job that predicts and corrects every case is :mod:`stmt_monai.training.pseudo_label`.
 """
 
 from __future__ import annotations
