@@ -3,7 +3,7 @@
     python scripts/train_demo.py                       # the shipped weights (seed 0)
     python scripts/train_demo.py --work_dir /tmp/demo --epochs 2 --teacher_epochs 2   # a smoke run
 
-Steps (the paper's order, each one its bundle's own workflow run by ``python -m monai.bundle run``):
+In order (every training run is its bundle's own workflow, run by ``python -m monai.bundle run``):
 
 1. a synthetic FLARE23-like cohort from the shipped real CT (``stmt_monai.synthetic.anatomy``) and its
    triage into the paper's categories, datalists and fingerprint (``stmt_monai.data.triage``);
@@ -11,16 +11,17 @@ Steps (the paper's order, each one its bundle's own workflow run by ``python -m 
    the reduced networks (:data:`DEMO_NETWORK`, :data:`DEMO_SIZES`) and ``ckpt_dir`` =
    ``models/demo``; every training run below layers it last, and the cascade layers it when it
    loads the demo weights, so both build the same network;
-3. pseudo labels for the partially labelled and unlabelled cases, corrected with the partial
-   annotations (``stmt_monai.training.self_training.correct_pseudo_label``, annotated tumors kept):
+3. self-training steps 1-2 (paper section 2.2): pseudo labels for the partially labelled and
+   unlabelled cases, corrected with the partial annotations
+   (``stmt_monai.training.self_training.correct_pseudo_label``, annotated tumors kept):
    by default (``--teacher oracle``) the synthetic cohort's hidden full truth stands in for the
    organ teacher's prediction, because a teacher worth its name does not train in minutes on a
    CPU (30 epochs of a small one still scored a validation Dice of 0 here);
    ``--teacher train`` runs the ``organ_selftrain`` bundle's ``train_teacher`` and
    ``pseudo_label`` workflows instead (a small ``res_unet_large``, :data:`DEMO_TEACHER`);
-4. the three students through their bundles' ``train`` workflows: ``coarse_abdomen`` and
-   ``organ_selftrain`` on labelled + CPL + PL cases, ``tumor_meanteacher`` (mean teacher) on the
-   tumor-annotated cases;
+4. self-training step 3 and the mean teacher: the three students through their bundles' ``train``
+   workflows: ``coarse_abdomen`` and ``organ_selftrain`` on labelled + CPL + PL cases,
+   ``tumor_meanteacher`` (mean teacher) on the tumor-annotated cases;
 5. each ``models/demo/model.pt`` reduced to the network the cascade runs (the tumor bundle's
    ``inference_network``) in fp16, the training leftovers (checkpoints, teacher) deleted, and
    ``models/demo/demo_weights.json`` written (settings, epochs, sizes, sha256, seconds).
