@@ -1,29 +1,16 @@
-"""The StMt cascade at inference (paper Fig. 2c; SPEC.md, "Inference"): CT in, FLARE label map out.
+"""Runners of a stage network other than eager PyTorch: OpenVINO, ONNX Runtime and TorchScript.
 
-1. stage 1 (bundle ``coarse_abdomen``): the whole CT, canonical RAS order, resized to 128^3,
-   normalised with the stage's fingerprint; argmax at network resolution gives the abdomen;
-2. region of interest: the abdomen's bounding box mapped back to the original grid, plus a
-   margin in mm (:func:`stmt_monai.preprocessing.roi.abdomen_roi_from_prediction`);
-3. stage 2: that box cropped from the original-resolution CT and resized to 192^3 once for both
-   students (``organ_selftrain`` and ``tumor_meanteacher``; normalised once if their
-   fingerprints are equal); argmax of each at network resolution;
-4. post-processing at network resolution: largest connected component per organ class, tumor
-   laid over the organs (:mod:`stmt_monai.inference.postprocessing`);
-5. nearest-neighbour restore into the crop and zero padding to the input's exact shape, in the
-   file's own voxel order (:func:`stmt_monai.preprocessing.geometry.restore_label_map`).
+- :class:`OpenVinoNetwork`: a PyTorch network converted once to OpenVINO's IR (cached per
+  weights file) and run by OpenVINO's CPU runtime (optional ``openvino`` extra);
+- :class:`OnnxNetwork`: an exported ``model.onnx`` run by ONNX Runtime on the CPU (optional
+  ``export`` extra);
+- :func:`exported_path`: the ``.ts`` / ``.onnx`` file that ``scripts/export.py``
+  (:mod:`stmt_monai.inference.export`) writes beside a weights file; a missing export, or one
+  older than its weights, is refused with the command that makes it.
 
-The argmax is always taken at network resolution: an argmax over a full-resolution 14-channel
-probability map of a 512 x 512 x 300 CT costs ~17 s on 2 CPU cores and ~9 GB, labels restored
-with nearest cost well under a second.
-
-Each stage's network is read from its bundle (:class:`StageModel`): ``configs/common.json`` and
-``configs/inference.json`` layered with :class:`monai.bundle.ConfigParser` (ids ``network_def``,
-``spatial_size``, ``fingerprint``, ``ckpt_dir``/``model_path``, ``inference_network``), and,
-for the shipped demo weights, ``configs/demo.json`` on top (see :func:`bundle_config`).
-
-:class:`Cascade` loads the three networks once; :func:`segment_case` writes one case's mask,
-report and optional preview; :func:`segment_folder` runs a file, a folder or a DICOM series
-folder (used by the ``cascade`` bundle and by ``stmt-segment``).
+Each is called like the torch module: ``(1, in_channels, *spatial_size)`` float32 in, logits
+``(1, out_channels, *spatial_size)`` out. :class:`stmt_monai.inference.stage.StageModel` chooses
+one by its ``backend`` (:data:`BACKENDS`).
 """
 
 from __future__ import annotations
