@@ -8,10 +8,18 @@ for several processes), so that a user's command line and the project's own runs
 Overrides are ``--key value`` pairs as ``monai.bundle run`` takes them (python-fire parses the
 value): :func:`override_args` writes lists, tuples and booleans so that they parse back to the
 same Python value.
+
+Weights carry their network: every training run writes, beside its best weights, the network and
+input-size keys it was given (:func:`write_record`: ``models/model.pt`` -> ``models/model.json``,
+``models/teacher.pt`` -> ``models/teacher.json``), a flat JSON of config ids that layers like any
+override file. :func:`stmt_monai.inference.bundles.bundle_config` (cascade, export, MONAI Label)
+applies it before the network is built; a ``monai.bundle run`` of the inference or evaluation
+workflow takes it as ``--args_file`` (:func:`bundle_command` ``args_file``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +33,62 @@ METADATA, LOGGING = "metadata.json", "logging.conf"
 DEMO_CONFIG = "demo.json"
 #: the file ``torchrun`` layers on top of a training workflow for several processes
 MULTI_GPU_PREFIX = "multi_gpu_"
+
+
+#: suffix of a weights file's record: ``model.pt`` -> ``model.json``
+RECORD_SUFFIX = ".json"
+
+
+def record_path(weights: str | os.PathLike) -> Path:
+    """The record beside a weights file: ``models/model.pt`` -> ``models/model.json``."""
+    return Path(weights).with_suffix(RECORD_SUFFIX)
+
+
+def read_record(weights: str | os.PathLike) -> dict:
+    """The network keys a weights file was trained with (``{}`` when it has no record).
+
+    Args:
+        weights: the weights file (``model.pt``); its record is :func:`record_path`.
+
+    Raises:
+        ValueError: the record is not a JSON object (one line naming the file).
+    """
+    path = record_path(weights)
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not a JSON record of network keys ({err})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a JSON record of network keys (a {type(record).__name__})")
+    return record
+
+
+def write_record(weights: str | os.PathLike, record: Mapping[str, object]) -> Path:
+    """Write the record of a weights file atomically (:func:`record_path`).
+
+    Args:
+        weights: the weights file the record describes.
+        record: config ids and the values the network was built with, e.g.
+            ``{"spatial_size": [48, 48, 48], "base_channels": 8, "num_downsamplings": 3}``;
+            values must be JSON (lists, numbers, strings).
+    """
+    from stmt_monai.io import write_text_atomic
+
+    plain = {str(k): _plain(v) for k, v in record.items()}
+    return write_text_atomic(record_path(weights), json.dumps(plain, indent=4) + "\n")
+
+
+def _plain(value):
+    """A config value as JSON: tuples and tensors -> lists, numpy / torch scalars -> numbers."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 def configs_dir(bundle_root: str | os.PathLike) -> Path:
@@ -87,6 +151,7 @@ def bundle_command(
     demo: bool = False,
     nproc: int | None = None,
     python: str | None = None,
+    args_file: str | os.PathLike | None = None,
 ) -> list[str]:
     """The command line that runs a bundle workflow.
 
@@ -101,6 +166,8 @@ def bundle_command(
         demo: layer the demo weights' ``demo.json``.
         nproc: processes (GPUs) for ``torchrun``; ``None`` or 1 for one process.
         python: the interpreter (default: this one; ``torchrun`` is taken from beside it).
+        args_file: ``--args_file``: a JSON of overrides applied before ``overrides`` (the
+            record of the weights an inference or evaluation loads, :func:`record_path`).
     """
     python = python or sys.executable
     multi = bool(nproc and int(nproc) > 1)
@@ -119,6 +186,7 @@ def bundle_command(
         str(configs / METADATA),
         "--logging_file",
         str(configs / LOGGING),
+        *(["--args_file", str(Path(args_file).resolve())] if args_file else []),
         *override_args(overrides),
     ]
 
@@ -138,21 +206,25 @@ def run_workflow(
     env: Mapping[str, str] | None = None,
     threads: int | None = None,
     timeout: float | None = None,
+    args_file: str | os.PathLike | None = None,
+    echo: bool = False,
 ) -> float:
     """Run a bundle workflow in a new process (:func:`bundle_command`); its wall time in s.
 
     Args:
-        bundle_root, workflow, overrides, demo, nproc: see :func:`bundle_command`.
+        bundle_root, workflow, overrides, demo, nproc, args_file: see :func:`bundle_command`.
         log_file: where the workflow's stdout and stderr go (appended); default: inherited.
         cwd: working directory (relative paths in the overrides resolve from it).
         env: environment (default this process's).
         threads: ``OMP_NUM_THREADS`` of the process (torch's CPU threads).
         timeout: seconds before the process is killed.
+        echo: with ``log_file``, also copy each line of the output to this process's stdout
+            (the workflow's progress lines reach the terminal and the log alike).
 
     Raises:
         WorkflowFailed: non-zero exit, with the last lines of its log.
     """
-    command = bundle_command(bundle_root, workflow, overrides, demo=demo, nproc=nproc)
+    command = bundle_command(bundle_root, workflow, overrides, demo=demo, nproc=nproc, args_file=args_file)
     environment = dict(os.environ if env is None else env)
     if threads:
         environment["OMP_NUM_THREADS"] = str(int(threads))
@@ -166,13 +238,43 @@ def run_workflow(
         with log.open("a") as out:
             out.write("$ " + " ".join(command) + "\n")
             out.flush()
-            proc = subprocess.run(command, cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+            if echo:
+                proc = _run_echoed(command, out, cwd=cwd, env=environment, timeout=timeout)
+            else:
+                proc = subprocess.run(command, cwd=cwd, env=environment, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
     seconds = time.perf_counter() - start
     if proc.returncode:
         where = f" (log: {log_file})" if log_file else ""
         raise WorkflowFailed(f"{Path(bundle_root).name} {workflow} exited with status {proc.returncode} after {seconds:.0f} s{where}\n{tail}")
     return seconds
+
+
+def _run_echoed(command: Sequence[str], out, cwd=None, env=None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run ``command`` with its stdout and stderr written line by line to ``out`` and to stdout."""
+    import threading
+
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def copy() -> None:
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace")
+            out.write(line)
+            out.flush()
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=copy, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        reader.join()
+    return subprocess.CompletedProcess(command, proc.returncode)
 
 
 def workflow_parser(

@@ -235,6 +235,48 @@ def teacher_network(
     raise ValueError(f"unknown teacher kind {kind!r}: expected one of {TEACHER_KINDS}")
 
 
+class LoggedSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's :class:`~monai.inferers.SlidingWindowInferer` that logs its progress through a
+    slow case (:class:`stmt_monai.progress.ProgressLog`): window batches done and time left,
+    once the case has run ``log_after_s`` seconds, then every ``log_every_s``; quick cases log
+    nothing. A whole CT through the SwinUNETR teacher takes minutes on a CPU.
+
+    Args:
+        log_after_s, log_every_s: see above.
+        args, kwargs: those of :class:`~monai.inferers.SlidingWindowInferer`.
+    """
+
+    def __init__(self, *args, log_after_s: float = 30.0, log_every_s: float = 30.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log_after_s, self.log_every_s = float(log_after_s), float(log_every_s)
+
+    def window_batches(self, inputs: torch.Tensor) -> int:
+        """Forward passes the inferer makes on ``inputs`` ``(B, C, *spatial)``: MONAI's scan
+        (windows overlapping by ``overlap``, the image padded to at least one window) in
+        batches of ``sw_batch_size``."""
+        roi = [int(r) for r in self.roi_size]
+        windows = 1
+        for size, r in zip(inputs.shape[2:], roi):
+            size = max(int(size), r)
+            interval = max(int(r * (1 - self.overlap)), 1) if size > r else r
+            windows *= (-(-(size - r) // interval) + 1) if size > r else 1
+        return -(-(windows * inputs.shape[0]) // int(self.sw_batch_size))
+
+    def __call__(self, inputs: torch.Tensor, network, *args, **kwargs):
+        from stmt_monai.progress import ProgressLog
+
+        progress = ProgressLog("sliding window", self.window_batches(inputs), "window batches", self.log_every_s, self.log_after_s).start()
+
+        def counted(window, *a, **k):
+            out = network(window, *a, **k)
+            progress.update()
+            return out
+
+        result = super().__call__(inputs, counted, *args, **kwargs)
+        progress.finish()
+        return result
+
+
 def sliding_window_inferer(
     roi_size: Sequence[int],
     sw_batch_size: int = 2,
@@ -246,19 +288,20 @@ def sliding_window_inferer(
 
     Windows of ``roi_size`` overlapping by half a window, blended with Gaussian weights
     (sigma = 1/8 of the window, MONAI's default ``sigma_scale=0.125`` equals nnU-Net's).
+    A case that runs longer than 30 s logs its progress (:class:`LoggedSlidingWindowInferer`).
 
     Args:
         roi_size: window size in voxels (the teacher's training patch).
         sw_batch_size: windows per forward pass.
         overlap: fraction of a window shared with its neighbour (nnU-Net: 0.5).
         mode: blending, ``"gaussian"`` (nnU-Net) or ``"constant"``.
-        kwargs: passed on to :class:`monai.inferers.SlidingWindowInferer` (``sw_device``,
-            ``device``, ``progress``, ...).
+        kwargs: passed on to :class:`LoggedSlidingWindowInferer` (``log_after_s``) and
+            :class:`monai.inferers.SlidingWindowInferer` (``sw_device``, ``device``, ...).
 
     Returns:
         The inferer: ``inferer(image (B, C, *spatial), network) -> (B, out_channels, *spatial)``.
     """
-    return SlidingWindowInferer(
+    return LoggedSlidingWindowInferer(
         roi_size=tuple(int(s) for s in roi_size), sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, **kwargs
     )
 

@@ -25,7 +25,9 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
+from stmt_monai.bundle import write_record
 from stmt_monai.io import atomic_path
+from stmt_monai.progress import EngineProgress
 from stmt_monai.training.distributed import is_main_process
 
 logger = logging.getLogger(__name__)
@@ -110,12 +112,17 @@ class ValidationHandler(_MonaiValidationHandler):
     bundles' ``val_interval`` 5) never validates, so :class:`BestCheckpoint` never writes
     ``model.pt``; and the last epochs of any run are never scored. Same arguments as
     ``monai.handlers.ValidationHandler``; the extra validation is for ``epoch_level`` only.
+
+    The validator logs its progress (cases done, time left; :class:`stmt_monai.progress.EngineProgress`)
+    on the main process, so that a long validation does not look like a hang.
     """
 
     def attach(self, engine: Engine) -> None:
         super().attach(engine)
         if self.epoch_level:
             engine.add_event_handler(Events.COMPLETED, self._after_last_epoch)
+        if self.validator is not None and is_main_process():
+            EngineProgress("validation").attach(self.validator)
 
     def _after_last_epoch(self, engine: Engine) -> None:
         if engine.state.epoch % self.interval:
@@ -128,18 +135,26 @@ class BestCheckpoint:
     Attach to the evaluator. A single object is saved as its bare state dict (the MONAI
     model-zoo convention for ``model.pt``); several as ``{name: state_dict}``.
 
+    With ``record``, the network and input-size keys the run was given are written beside the
+    weights each time (``model.pt`` -> ``model.json``, :func:`stmt_monai.bundle.write_record`),
+    so that inference, evaluation, export and MONAI Label build the same network without the
+    user repeating the training's overrides.
+
     Args:
         save_path: output file.
         save_dict: ``{name: module}``.
         metric_name: key of ``engine.state.metrics``; default the evaluator's key metric.
+        record: ``{config id: value}`` of the network, e.g. ``{"spatial_size": "@spatial_size",
+            "base_channels": "@base_channels", ...}`` in a bundle config.
 
     Its ``state_dict`` holds the best value, so it can be resumed with the rest of the training.
     """
 
-    def __init__(self, save_path: str | os.PathLike, save_dict: Mapping, metric_name: str | None = None):
+    def __init__(self, save_path: str | os.PathLike, save_dict: Mapping, metric_name: str | None = None, record: Mapping | None = None):
         self.save_path = Path(save_path)
         self.save_dict = dict(save_dict)
         self.metric_name = metric_name
+        self.record = dict(record) if record else None
         self.best = -float("inf")
 
     def attach(self, engine: Engine) -> None:
@@ -158,6 +173,8 @@ class BestCheckpoint:
         value = float(engine.state.metrics[name])
         if value > self.best:
             self.best = value
+            if self.record is not None and is_main_process():
+                write_record(self.save_path, self.record)
             if len(self.save_dict) == 1 and is_main_process():
                 tmp, final = atomic_path(self.save_path)
                 try:

@@ -210,7 +210,8 @@ def generate_pseudo_labels(
         keep_raw: also write the uncorrected predictions as ``raw/<name>.nii.gz`` (for
             measuring what the correction gains, ``benchmarks/pseudo_label_quality.py``).
         num_workers: DataLoader workers that load and resample the next cases meanwhile.
-        progress: show a tqdm progress bar.
+        progress: log the progress (cases done, time left; :class:`stmt_monai.progress.ProgressLog`),
+            as plain lines that read the same in a terminal and a log file.
         jobs_key: datalist key of the jobs.
 
     Returns:
@@ -224,9 +225,8 @@ def generate_pseudo_labels(
     "excluded_low_quality": [...], "failed": [...], ...}``, read by
     :func:`stmt_monai.data.datalists.student_datalist`.
     """
-    from tqdm import tqdm
-
     from stmt_monai.preprocessing.transforms import stage_transforms
+    from stmt_monai.progress import ProgressLog
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,11 +265,19 @@ def generate_pseudo_labels(
         _JobData(todo, _SafeLoad(preprocessing)), batch_size=None, num_workers=int(num_workers)
     )
     network.eval()
-    bar = tqdm(loader, total=len(todo), desc="pseudo labels", unit="case", disable=not progress)
-    for loaded in bar:
+    bar = ProgressLog("pseudo labels", len(todo), log=logger, enabled=progress)
+    if progress and len(items) > len(todo):
+        logger.info(f"pseudo labels: {len(items) - len(todo)} of {len(items)} cases already done (kept)")
+    bar.start()
+
+    def counted(cases):
+        for loaded in cases:
+            yield loaded
+            bar.update(note=loaded["item"]["name"])  # after the case's body, failed or not
+
+    for loaded in counted(loader):
         item = loaded["item"]
         name = item["name"]
-        bar.set_postfix_str(name)
         try:
             if "error" in loaded:
                 raise RuntimeError(loaded["error"])
@@ -300,7 +308,7 @@ def generate_pseudo_labels(
             "quality": round(quality, 6),
         }
         write_datalist()
-    bar.close()
+    bar.finish()
     write_datalist()
 
     kept = json.loads(datalist_path.read_text())
