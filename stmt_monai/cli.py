@@ -29,11 +29,12 @@ def segment(
     preview: bool = False,
     bundles_dir: str | None = None,
     threads: int | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     weights: str = "auto",
     progress: bool = True,
     shard: str | None = None,
     amp: bool | None = None,
+    precision: str = "auto",
 ) -> BatchResult:
     """Segment a CT file, a folder of CTs or a DICOM series folder into FLARE label maps.
 
@@ -47,19 +48,22 @@ def segment(
         preview: write a PNG with axial, coronal and sagittal slices and the label overlay.
         bundles_dir: folder of the three stage bundles (default: the repository's ``bundles/``).
         threads: CPU threads for the networks (default: torch's).
-        backend: ``torch``, ``openvino`` (CPU; needs ``pip install 'stmt-monai[openvino]'``),
-            ``torchscript`` or ``onnx`` (CPU, ONNX Runtime; ``pip install 'stmt-monai[export]'``): the
+        backend: ``auto`` (OpenVINO on the CPU when installed, as ``scripts/install.sh`` does;
+            torch on CUDA), ``torch``, ``openvino`` (CPU), ``torchscript`` or ``onnx`` (CPU, ONNX Runtime; ``pip install 'stmt-monai[export]'``): the
             files ``python scripts/export.py bundles/<stage bundle>`` writes beside each bundle's weights.
         weights: ``auto`` (trained weights if present, else the demo weights), ``trained``, ``demo``.
         progress: show a progress bar.
         shard: ``i/n``: only every n-th case from the i-th (0-based), so that n processes (e.g. one
             per GPU, ``--device cuda:i``) segment disjoint shares of a folder into one output folder.
         amp: fp16 autocast of the networks on CUDA (default there; ``--amp False`` for fp32).
+        precision: OpenVINO's: ``auto`` (bf16 where the CPU computes in bf16, else f32), ``f32``,
+            ``bf16`` or ``int8`` (the NNCF models ``python scripts/export.py BUNDLE --formats
+            openvino_int8`` writes beside each bundle's weights).
 
     Returns:
         the :class:`~stmt_monai.inference.batch.BatchResult` (failed cases with their reasons).
     """
-    cascade = Cascade(bundles_dir, device=device, threads=threads, backend=backend, weights=weights, amp=amp)
+    cascade = Cascade(bundles_dir, device=device, threads=threads, backend=backend, weights=weights, amp=amp, precision=precision)
     result = segment_folder(cascade, input, output_dir, overwrite=overwrite, preview=preview, progress=progress, shard=shard)
     print(
         f"stmt-segment: {len(result.written)} written, {len(result.skipped)} skipped (exist; --overwrite to redo), "

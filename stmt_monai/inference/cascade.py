@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stmt_monai.inference.backends import resolve_backend
 from stmt_monai.inference.bundles import STAGE_BUNDLES, default_bundles_dir
 from stmt_monai.inference.postprocessing import largest_component, overlay_tumor
 from stmt_monai.inference.stage import StageModel
@@ -80,13 +81,16 @@ class Cascade:
             ``tumor_meanteacher`` (default :func:`default_bundles_dir`).
         device: ``"cpu"`` or ``"cuda"``.
         threads: ``torch.set_num_threads`` (and OpenVINO's threads); default unchanged.
-        backend: ``"torch"`` (default), ``"openvino"`` (CPU), ``"torchscript"`` or ``"onnx"`` (CPU):
-            see :meth:`StageModel.from_bundle`.
+        backend: ``"auto"`` (default: OpenVINO on the CPU when installed, torch on CUDA),
+            ``"torch"``, ``"openvino"`` (CPU), ``"torchscript"`` or ``"onnx"`` (CPU): see
+            :meth:`StageModel.from_bundle`.
         weights: ``"auto"``, ``"trained"`` or ``"demo"`` (:func:`bundle_config`).
         margin_mm: ROI margin; default the ``coarse_abdomen`` bundle's ``roi_margin_mm``.
         bundles: per-stage bundle folders overriding ``bundles_dir`` (``{"organ": path}``).
         amp: fp16 autocast of the networks; default on CUDA (torch / torchscript backends), where
             it lowers the peak GPU memory; off on the CPU.
+        precision: OpenVINO's inference precision: ``"auto"`` (bf16 where the CPU computes in
+            bf16, else f32), ``"f32"``, ``"bf16"`` or ``"int8"`` (NNCF models from ``stmt-export``).
     """
 
     def __init__(
@@ -94,11 +98,12 @@ class Cascade:
         bundles_dir: str | os.PathLike | None = None,
         device: str | torch.device = "cpu",
         threads: int | None = None,
-        backend: str = "torch",
+        backend: str = "auto",
         weights: str = "auto",
         margin_mm: float | None = None,
         bundles: Mapping[str, str | os.PathLike] | None = None,
         amp: bool | None = None,
+        precision: str = "auto",
     ):
         start = time.perf_counter()
         if threads:
@@ -109,18 +114,20 @@ class Cascade:
         root = Path(bundles_dir) if bundles_dir is not None else default_bundles_dir()
         paths = {stage: Path((bundles or {}).get(stage, root / name)) for stage, name in STAGE_BUNDLES.items()}
         self.models = {
-            stage: StageModel.from_bundle(path, stage, device, weights, backend, threads, amp) for stage, path in paths.items()
+            stage: StageModel.from_bundle(path, stage, device, weights, backend, threads, amp, precision) for stage, path in paths.items()
         }
         abdomen = self.models["abdomen"].settings
         self.margin_mm = float(margin_mm if margin_mm is not None else abdomen.get("roi_margin_mm", ROI_MARGIN_MM))
         self.min_component_fraction = float(abdomen.get("min_component_fraction", ROI_MIN_COMPONENT_FRACTION))
-        self.device, self.backend = device, backend
+        self.device, self.backend = device, resolve_backend(backend, device)
+        self.precision = self.models["organ"].settings.get("precision", "f32")
         self.load_seconds = time.perf_counter() - start
 
     def describe(self) -> dict:
         """The settings of the three stages (for reports and logs)."""
         return {
             "backend": self.backend,
+            "precision": self.precision,
             "device": str(self.device),
             "roi_margin_mm": self.margin_mm,
             "load_seconds": round(self.load_seconds, 3),
