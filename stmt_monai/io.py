@@ -8,8 +8,11 @@ is raised as :class:`ImageError`, whose message is one line naming the file.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -86,26 +89,70 @@ def _from_sitk(image) -> tuple[np.ndarray, np.ndarray]:
     return array, LPS_TO_RAS @ affine
 
 
-def image_datalist(folder: str | os.PathLike) -> list[dict]:
-    """Every CT in a folder, as datalist items ``{"image": path}`` sorted by path (inference input).
+def _holds_dicom_series(folder: Path) -> bool:
+    """Whether ``folder`` itself holds DICOM files of a series (ITK's "no series" warning silenced)."""
+    import SimpleITK as sitk
 
-    NIfTI and ITK files count, and sub-folders, each taken as one DICOM series; hidden names
-    (starting with ``.``, e.g. partial writes) are skipped.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def find_cases(input: str | os.PathLike, dicom: bool = True, allow_empty: bool = False) -> list[Path]:
+    """The cases of a file or folder: the one rule of the package for what a case is.
+
+    - a file is one case (whatever its name; :func:`load_image` says whether it can be read);
+    - a folder that itself holds a DICOM series is one case (with ``dicom``);
+    - any other folder: each NIfTI / ITK file in it (:data:`NIFTI_SUFFIXES`, :data:`ITK_SUFFIXES`)
+      and, with ``dicom``, each sub-folder that holds a DICOM series; names starting with ``.``
+      (hidden, e.g. the partial writes of :func:`atomic_path`) and other files are skipped.
+
+    Args:
+        input: a CT or label file, a DICOM series folder, or a folder of such.
+        dicom: count DICOM series folders as cases (``False`` for label maps, never DICOM).
+        allow_empty: return ``[]`` for a folder without any case instead of raising.
+
+    Returns:
+        the case paths (files and DICOM folders), sorted by name.
 
     Raises:
-        ImageError: ``folder`` is missing or holds no image.
+        ImageError: ``input`` does not exist, or (unless ``allow_empty``) holds no case.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageError(folder, "no such folder")
-    items = [
-        {"image": str(p)}
-        for p in sorted(folder.iterdir())
-        if not p.name.startswith(".") and (p.is_dir() or p.name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES))
+    path = Path(input)
+    if not path.exists():
+        raise ImageError(path, "no such file or folder")
+    if path.is_file() or (dicom and _holds_dicom_series(path)):
+        return [path]
+    cases = [
+        p
+        for p in sorted(path.iterdir())
+        if not p.name.startswith(".")
+        and ((p.is_file() and p.name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)) or (dicom and p.is_dir() and _holds_dicom_series(p)))
     ]
-    if not items:
-        raise ImageError(folder, f"holds no image ({', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or DICOM folder)")
-    return items
+    if not cases and not allow_empty:
+        kinds = ", ".join(NIFTI_SUFFIXES + ITK_SUFFIXES) + (" or DICOM series folder" if dicom else "")
+        raise ImageError(path, f"holds no image ({kinds})")
+    return cases
+
+
+def cases_by_name(cases: list[Path]) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """Cases keyed by FLARE case name (:func:`case_name`), and apart the names several cases share
+    (``x.nii.gz`` and ``x_0000.nii.gz``, or ``x.nii.gz`` and ``x.mha``): which one is meant cannot
+    be told, so neither is in the first dict."""
+    by_name: dict[str, list[Path]] = {}
+    for path in cases:
+        by_name.setdefault(case_name(path), []).append(Path(path))
+    unique = {name: paths[0] for name, paths in sorted(by_name.items()) if len(paths) == 1}
+    shared = {name: paths for name, paths in sorted(by_name.items()) if len(paths) > 1}
+    return unique, shared
+
+
+def image_datalist(input: str | os.PathLike) -> list[dict]:
+    """The cases of :func:`find_cases` as datalist items ``{"image": path}`` (inference input)."""
+    return [{"image": str(p)} for p in find_cases(input)]
 
 
 def load_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
@@ -222,3 +269,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return final
+
+
+def write_csv_atomic(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[Mapping]) -> Path:
+    """Write a CSV table (a header, then one line per row dict, ``\\n`` line ends) atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(path, buffer.getvalue())

@@ -7,7 +7,7 @@ import pytest
 import torch
 from cascade_helpers import FINGERPRINT, TINY, copy_bundles, random_bundles, trained_bundles
 
-from stmt_monai.inference.batch import list_cases, output_paths
+from stmt_monai.inference.batch import output_paths
 from stmt_monai.inference.bundles import STAGE_BUNDLES, bundle_config, load_weights, random_weights, save_weights, write_demo_config
 from stmt_monai.inference.cascade import Cascade
 from stmt_monai.inference.stage import StageModel
@@ -120,16 +120,8 @@ def test_load_weights_unwraps_and_casts(tmp_path):
         load_weights(tmp_path / "b.pt", key="ema")
 
 
-def test_list_cases(tmp_path, real_ct, real_dicom):
-    assert list_cases(real_ct) == [real_ct]
-    assert list_cases(real_dicom) == [real_dicom]  # a folder holding DICOM files is one case
-    (tmp_path / "a_0000.nii.gz").write_bytes(real_ct.read_bytes())
-    (tmp_path / "notes.txt").write_text("x")
-    (tmp_path / ".partial.nii.gz").write_text("x")
-    (tmp_path / "series").symlink_to(real_dicom, target_is_directory=True)
-    (tmp_path / "empty").mkdir()
-    assert [p.name for p in list_cases(tmp_path)] == ["a_0000.nii.gz", "series"]
-    assert output_paths(tmp_path / "a_0000.nii.gz", "out")["mask"].name == "a.nii.gz"  # FLARE naming
+def test_output_paths_use_flare_case_names(tmp_path):
+    assert output_paths(tmp_path / "a_0000.nii.gz", "out")["mask"].name == "a.nii.gz"
 
 
 def test_amp_is_for_cuda_only(tmp_path):

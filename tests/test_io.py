@@ -81,18 +81,28 @@ def test_save_is_atomic_and_exact(real_ct, tmp_path):
     assert written.get_data_dtype() == np.uint8 and np.allclose(written.affine, affine)
 
 
-def test_image_datalist_lists_files_and_dicom_folders(real_ct, real_dicom, tmp_path):
+def test_find_cases_one_rule_for_files_dicom_folders_and_hidden_names(real_ct, real_dicom, tmp_path):
     import shutil
 
-    from stmt_monai.io import image_datalist
+    from stmt_monai.io import cases_by_name, find_cases, image_datalist
 
+    assert find_cases(real_ct) == [real_ct]  # a file is one case
+    assert find_cases(real_dicom) == [real_dicom]  # a folder that holds a DICOM series is one case
     shutil.copy(real_ct, tmp_path / "b_0000.nii.gz")
+    shutil.copy(real_ct, tmp_path / "b.nii.gz")  # same case name as b_0000.nii.gz
     shutil.copytree(real_dicom, tmp_path / "a_dicom")
+    (tmp_path / "c_series").symlink_to(real_dicom, target_is_directory=True)
     (tmp_path / ".b_0000.nii.gz.part.nii.gz").write_bytes(b"")  # an interrupted write: skipped
     (tmp_path / "notes.txt").write_text("not an image")
-    assert image_datalist(tmp_path) == [{"image": str(tmp_path / "a_dicom")}, {"image": str(tmp_path / "b_0000.nii.gz")}]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ImageError, match="holds no image"):
-        image_datalist(tmp_path / "empty")
-    with pytest.raises(ImageError, match="no such folder"):
-        image_datalist(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()  # a folder without a DICOM series: not a case
+    names = ["a_dicom", "b.nii.gz", "b_0000.nii.gz", "c_series"]
+    assert find_cases(tmp_path) == [tmp_path / n for n in names]
+    assert find_cases(tmp_path, dicom=False) == [tmp_path / "b.nii.gz", tmp_path / "b_0000.nii.gz"]  # label maps
+    assert image_datalist(tmp_path) == [{"image": str(tmp_path / n)} for n in names]
+    unique, shared = cases_by_name(find_cases(tmp_path))
+    assert list(unique) == ["a_dicom", "c_series"] and list(shared) == ["b"] and len(shared["b"]) == 2
+    with pytest.raises(ImageError, match="empty: holds no image"):
+        find_cases(tmp_path / "empty")
+    assert find_cases(tmp_path / "empty", allow_empty=True) == []
+    with pytest.raises(ImageError, match="missing: no such file or folder"):
+        find_cases(tmp_path / "missing")

@@ -103,7 +103,7 @@ def attach_roi(
 
     Args:
         datalist: a MONAI datalist JSON (section ``key``), a list of items ``{"image", "label"?}``,
-            a folder of images (:func:`stmt_monai.io.image_datalist`) or one image file.
+            a folder of images, a DICOM series folder or one image file (:func:`stmt_monai.io.find_cases`).
         roi_dir: folder of masks named ``<case>.nii.gz`` on the images' grids; ``None`` for none.
         key: datalist section to read from a JSON.
 
@@ -117,10 +117,8 @@ def attach_roi(
         path = Path(datalist)
         if path.is_file() and path.suffix == ".json":
             source = load_datalist(path, key)
-        elif path.is_dir():
+        elif path.exists():  # a folder of images, a DICOM series folder or one image file
             source = image_datalist(path)
-        elif path.exists():
-            source = [{"image": str(path)}]
         else:
             raise FileNotFoundError(f"{path}: no datalist, image or folder of images")
     items = []

@@ -54,6 +54,7 @@ from stmt_monai.io import (
     NIFTI_SUFFIXES,
     ImageError,
     case_name,
+    find_cases,
     load_image,
     load_label,
     write_text_atomic,
@@ -212,17 +213,16 @@ class TriageResult:
 
 
 # ----------------------------------------------------------------------------- discovery
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(NIFTI_SUFFIXES) and not p.name.startswith("."))
+def _cases(folder: Path, dicom: bool = True) -> list[Path]:
+    """:func:`stmt_monai.io.find_cases` of a layout folder; an absent folder has none."""
+    return find_cases(folder, dicom=dicom, allow_empty=True) if folder.is_dir() else []
 
 
 def _pairs(images_dir: Path, labels_dir: Path, failed: list[dict]) -> list[tuple[str, str, str]]:
     """``(name, image, label)`` for each image with its label; unpaired files go to ``failed``."""
-    labels = {case_name(p): p for p in _image_files(labels_dir)}
+    labels = {case_name(p): p for p in _cases(labels_dir, dicom=False)}
     pairs, seen = [], set()
-    for image in _image_files(images_dir):
+    for image in _cases(images_dir):
         name = case_name(image)
         seen.add(name)
         if name in labels:
@@ -263,7 +263,7 @@ def discover(root_or_datalist: str | os.PathLike) -> Inventory:
         raise ValueError(f"{root}: no such dataset folder or datalist JSON")
     training: list = list(_pairs(root / LAYOUT["images"], root / LAYOUT["labels"], failed))
     for folder in UNLABELLED_FOLDERS:
-        training += [(case_name(p), str(p), None) for p in _image_files(root / folder)]
+        training += [(case_name(p), str(p), None) for p in _cases(root / folder)]
     if not training and not failed:
         raise ValueError(f"{root}: no {LAYOUT['images']}/*_0000.nii.gz or {LAYOUT['unlabelled']}/*_0000.nii.gz: not a FLARE23-layout folder")
     validation = _pairs(root / LAYOUT["validation_images"], root / LAYOUT["validation_labels"], failed)

@@ -14,7 +14,7 @@ and CPU figures; the GPU figures see the whole device.
 
 from __future__ import annotations
 
-import csv
+import logging
 import math
 import os
 import shlex
@@ -22,15 +22,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from io import StringIO
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import psutil
 from tqdm import tqdm
 
-from stmt_monai.io import ITK_SUFFIXES, NIFTI_SUFFIXES, case_name, write_text_atomic
+from stmt_monai.io import case_name, cases_by_name, find_cases, write_csv_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 MB = 2**20
 
@@ -254,16 +255,6 @@ def measure_command(
     }
 
 
-def find_inputs(input_dir: str | os.PathLike) -> dict[str, Path]:
-    """Image files of a folder (NIfTI / ITK, not hidden) by FLARE case name, sorted."""
-    files = sorted(
-        p
-        for p in Path(input_dir).iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)
-    )
-    return {case_name(p): p for p in files}
-
-
 def case_command(command_template: str, input_path: str | os.PathLike, output_dir: str | os.PathLike) -> list[str]:
     """The argv of one case: the template split like a shell line, placeholders filled in.
 
@@ -312,14 +303,6 @@ def summarize_efficiency(rows: Sequence[Mapping]) -> dict:
     }
 
 
-def _csv_text(fieldnames: Sequence[str], rows: Iterable[Mapping]) -> str:
-    buffer = StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def efficiency_markdown(summary: Mapping, rows: Sequence[Mapping] = ()) -> str:
     """Markdown summary table (mean / median / max per measure), then the failed cases."""
 
@@ -362,7 +345,8 @@ def measure_folder(
 
     Args:
         command_template: see :func:`case_command`, e.g. ``"stmt-segment {input} {output}"``.
-        input_dir: folder of CT images (``<case>_0000.nii.gz`` or ``<case>.nii.gz``).
+        input_dir: folder of CT images (``<case>_0000.nii.gz`` or ``<case>.nii.gz``, DICOM series
+            folders; :func:`stmt_monai.io.find_cases`); inputs that share a case name are left out.
         output_dir: folder the command writes into (created).
         report_dir: where ``efficiency.csv`` (per case), ``efficiency_summary.csv``,
             ``efficiency.md`` and ``logs/<case>.log`` (each command's output) go; default
@@ -390,7 +374,10 @@ def measure_folder(
                 raise
     rows = []
     try:
-        for case, path in tqdm(find_inputs(input_dir).items(), desc="efficiency", unit="case", disable=not progress):
+        cases, shared = cases_by_name(find_cases(input_dir))
+        for case, paths in shared.items():
+            logger.warning("%s: not measured, %d inputs share its name (%s)", case, len(paths), ", ".join(p.name for p in paths))
+        for case, path in tqdm(cases.items(), desc="efficiency", unit="case", disable=not progress):
             result = measure_command(
                 case_command(command_template, path, output_dir),
                 poll_interval=poll_interval,
@@ -404,8 +391,8 @@ def measure_folder(
             device.close()
     summary = summarize_efficiency(rows)
     columns = ["case", "input", *MEASURES, "gpu_samples", "returncode", "timed_out", "gpu_error"]
-    write_text_atomic(report_dir / EFFICIENCY_CSV, _csv_text(columns, rows))
+    write_csv_atomic(report_dir / EFFICIENCY_CSV, columns, rows)
     summary_rows = [{"measure": m} | s for m, s in summary["per_measure"].items()]
-    write_text_atomic(report_dir / SUMMARY_CSV, _csv_text(["measure", "mean", "median", "max"], summary_rows))
+    write_csv_atomic(report_dir / SUMMARY_CSV, ["measure", "mean", "median", "max"], summary_rows)
     write_text_atomic(report_dir / SUMMARY_MD, efficiency_markdown(summary, rows))
     return rows, summary

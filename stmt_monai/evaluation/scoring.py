@@ -12,25 +12,16 @@ is the ground truth's, from its header.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from io import StringIO
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from stmt_monai.evaluation.metrics import flare_case_scores, scores_to_rows, summarize
-from stmt_monai.io import (
-    ITK_SUFFIXES,
-    NIFTI_SUFFIXES,
-    ImageError,
-    case_name,
-    load_label,
-    write_text_atomic,
-)
+from stmt_monai.io import ImageError, cases_by_name, find_cases, load_label, write_csv_atomic, write_text_atomic
 from stmt_monai.labels import LABELS, ORGAN_CLASSES, TUMOR, label_name
 
 #: files written by :func:`evaluate_folder` into ``out_dir``
@@ -47,26 +38,14 @@ PROBLEMS_CSV = "problems.csv"
 
 
 def find_label_files(folder: str | os.PathLike) -> tuple[dict[str, Path], list[dict]]:
-    """Label files of a folder by FLARE case name.
-
-    Args:
-        folder: a folder of NIfTI / ITK label maps; hidden files (e.g. half-written
-            ``.x.part.nii.gz``) and other files are ignored.
+    """Label files of a folder by FLARE case name (:func:`stmt_monai.io.find_cases`, no DICOM).
 
     Returns:
         ``(files, problems)``: ``{case: path}`` sorted by case, and one ``{"case", "reason"}``
         per case name that two files share (neither is used).
     """
-    by_case: dict[str, list[Path]] = {}
-    for path in sorted(Path(folder).iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
-            by_case.setdefault(case_name(path), []).append(path)
-    files, problems = {}, []
-    for case, paths in sorted(by_case.items()):
-        if len(paths) == 1:
-            files[case] = paths[0]
-        else:
-            problems.append({"case": case, "reason": f"several files in {folder}: {', '.join(p.name for p in paths)}"})
+    files, shared = cases_by_name(find_cases(folder, dicom=False, allow_empty=True))
+    problems = [{"case": case, "reason": f"several files in {folder}: {', '.join(p.name for p in paths)}"} for case, paths in shared.items()]
     return files, problems
 
 
@@ -165,14 +144,6 @@ def evaluate_folder(
     return scores_to_rows(case_scores), summary, problems
 
 
-def _csv_text(fieldnames: Sequence[str], rows: Iterable[Mapping]) -> str:
-    buffer = StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fieldnames, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def summary_rows(summary: Mapping) -> list[dict]:
     """Summary as table rows: each class, then the organ mean (before the tumor), as fractions.
 
@@ -233,7 +204,7 @@ def write_evaluation(
         | {f"{names[label]}_{metric}": s[metric] for metric in ("dsc", "nsd") for label, s in scores.items()}
         for case, scores in case_scores.items()
     ]
-    write_text_atomic(out_dir / PER_CASE_CSV, _csv_text(columns, per_case))
-    write_text_atomic(out_dir / SUMMARY_CSV, _csv_text(["label", "name", "dsc", "nsd"], summary_rows(summary)))
+    write_csv_atomic(out_dir / PER_CASE_CSV, columns, per_case)
+    write_csv_atomic(out_dir / SUMMARY_CSV, ["label", "name", "dsc", "nsd"], summary_rows(summary))
     write_text_atomic(out_dir / SUMMARY_MD, summary_markdown(summary, problems))
-    write_text_atomic(out_dir / PROBLEMS_CSV, _csv_text(["case", "reason"], problems))
+    write_csv_atomic(out_dir / PROBLEMS_CSV, ["case", "reason"], problems)

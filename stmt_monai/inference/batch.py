@@ -25,10 +25,9 @@ import numpy as np
 
 from stmt_monai.inference.cascade import Cascade, CascadeResult
 from stmt_monai.io import (
-    ITK_SUFFIXES,
-    NIFTI_SUFFIXES,
     ImageError,
     case_name,
+    find_cases,
     save_label_map,
 )
 
@@ -40,41 +39,6 @@ REPORT_JSON, REPORT_CSV, PREVIEW_PNG = "_report.json", "_report.csv", "_preview.
 
 
 # ----------------------------------------------------------------------------- cases and outputs
-def _holds_dicom(folder: Path) -> bool:
-    """Whether ``folder`` itself holds a DICOM series (ITK's "no series" warning silenced)."""
-    import SimpleITK as sitk
-
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def list_cases(input: str | os.PathLike) -> list[Path]:
-    """The cases of an input: a file is one case; a folder holding DICOM files is one case (a
-    series); any other folder gives each ``.nii``/``.nii.gz``/``.mha``/``.nrrd`` file and each
-    DICOM series sub-folder in it (hidden names skipped), sorted.
-
-    Raises:
-        ImageError: missing input, or a folder without any case.
-    """
-    path = Path(input)
-    if not path.exists():
-        raise ImageError(path, "no such file or folder")
-    if path.is_file() or _holds_dicom(path):
-        return [path]
-    cases = [
-        p
-        for p in sorted(path.iterdir())
-        if not p.name.startswith(".") and ((p.is_file() and p.name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)) or (p.is_dir() and _holds_dicom(p)))
-    ]
-    if not cases:
-        raise ImageError(path, f"holds no image ({', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or DICOM series folder)")
-    return cases
-
-
 def output_paths(case: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Path]:
     """Where a case's outputs go: ``mask`` (``<case>.nii.gz``, FLARE naming), ``report_json``,
     ``report_csv`` and ``preview`` (``<case>_report.json`` / ``.csv``, ``<case>_preview.png``)."""
@@ -211,7 +175,7 @@ def segment_folder(
     progress: bool = True,
     shard: str | None = None,
 ) -> BatchResult:
-    """Segment every case of ``input`` (:func:`list_cases`) into ``output_dir``.
+    """Segment every case of ``input`` (:func:`stmt_monai.io.find_cases`) into ``output_dir``.
 
     A case that fails is recorded (path, reason) and the batch goes on. With ``shard`` ``"i/n"``
     only that share of the cases (:func:`shard_cases`), to split a batch across processes.
@@ -223,7 +187,7 @@ def segment_folder(
 
     result = BatchResult()
     try:
-        cases = shard_cases(list_cases(input), shard)
+        cases = shard_cases(find_cases(input), shard)
     except ImageError as err:
         result.failed.append((str(input), err.problem))
         return result

@@ -12,8 +12,6 @@ affine) and :func:`write_report` writes it as JSON and CSV (atomically):
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from pathlib import Path
@@ -23,7 +21,7 @@ import numpy as np
 from nibabel import orientations
 from scipy import ndimage
 
-from stmt_monai.io import write_text_atomic
+from stmt_monai.io import write_csv_atomic, write_text_atomic
 from stmt_monai.labels import ORGAN_CLASSES, ORGANS, TUMOR, TUMOR_NAME
 
 #: slices of the volume per step when summing HU (bounds the float64 temporaries)
@@ -280,9 +278,5 @@ def write_report(report: dict, json_path: str | os.PathLike, csv_path: str | os.
     written_json = write_text_atomic(json_path, json.dumps(report, indent=1) + "\n")
     written_csv = None
     if csv_path is not None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(report_rows(report))
-        written_csv = write_text_atomic(csv_path, buffer.getvalue())
+        written_csv = write_csv_atomic(csv_path, CSV_FIELDS, report_rows(report))
     return written_json, written_csv
