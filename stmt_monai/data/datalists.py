@@ -41,6 +41,7 @@ def student_datalist(
     streams: Sequence[str] = STREAMS,
     labelled_key: str = "training",
     pseudo_key: str = "training",
+    roi_dir: str | os.PathLike | None = None,
 ) -> list[dict]:
     """The student's training list: fully labelled cases plus the pseudo-label job's output.
 
@@ -49,7 +50,11 @@ def student_datalist(
         pseudo_labelled: datalist JSON (or list) written by the pseudo-label job, whose items carry
             ``stream`` = ``"cpl"`` (corrected, from partial cases) or ``"pl"`` (unlabelled).
         streams: the streams to keep (e.g. ``("labelled", "cpl")`` for self-training without the
-            unlabelled cases, a row of the paper's ablation).
+            unlabelled cases, a row of the paper's ablation; ``("labelled",)`` trains on the labelled
+            list alone, and ``pseudo_labelled`` is then not read).
+        roi_dir: folder of masks ``<case>.nii.gz`` whose bounding box (+ margin) is each case's
+            stage-2 region of interest (e.g. stage 1's predictions); ``None``: each case's own
+            label gives it (:func:`attach_roi`).
 
     Returns:
         Items ``{"image", "label", "stream", ...}``: each item keeps only the fields that every
@@ -65,12 +70,17 @@ def student_datalist(
             return load_datalist(source, key)
         return [dict(item) for item in source]
 
-    items = [{**item, "stream": LABELLED} for item in _items(labelled, labelled_key)]
-    for item in _items(pseudo_labelled, pseudo_key):
+    unknown = set(streams) - set(STREAMS)
+    if unknown:
+        raise ValueError(f"unknown streams {sorted(unknown)}: expected some of {list(STREAMS)}")
+    items = [{**item, "stream": LABELLED} for item in _items(labelled, labelled_key)] if LABELLED in streams else []
+    for item in _items(pseudo_labelled, pseudo_key) if {CPL, PL} & set(streams) else []:
         if item.get("stream") not in (CPL, PL):
             raise ValueError(f"pseudo-labelled item {item.get('image')} has no stream 'cpl' or 'pl'")
         items.append(dict(item))
     items = [item for item in items if item["stream"] in streams]
+    if roi_dir is not None:
+        items = attach_roi(items, roi_dir)
     shared = set.intersection(*(set(item) for item in items)) if items else set()
     return [{key: value for key, value in item.items() if key in shared} for item in items]
 

@@ -36,7 +36,7 @@ def prepare_volume(
     margin_mm: float = ROI_MARGIN_MM,
     jitter_mm: float = 0.0,
     rng: np.random.Generator | None = None,
-    labels: np.ndarray | None = None,
+    labels: np.ndarray | Sequence[np.ndarray] | None = None,
     target_spacing_mm: Sequence[float] | None = None,
     canonical: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, CaseGeometry]:
@@ -50,7 +50,8 @@ def prepare_volume(
             bounding box plus ``margin_mm`` is the ROI (e.g. the ground truth in training).
         roi_box: stage 2 alternative: the ROI already in canonical voxels, ``(start, end)``.
         margin_mm, jitter_mm, rng: see :func:`abdomen_roi`.
-        labels: optional label map on the image's grid, cropped and resized (nearest) alike.
+        labels: optional label map on the image's grid, cropped and resized (nearest) alike, or a
+            list of such maps (each cropped with the same box).
         target_spacing_mm: instead of a fixed ``network_size``, resample the crop to this voxel
             size (the teacher's nnU-Net-style fixed-spacing input for sliding windows); pass
             ``network_size=None`` with it.
@@ -81,8 +82,14 @@ def prepare_volume(
     network_size = tuple(int(v) for v in network_size)
     geometry = CaseGeometry(shape, np.asarray(affine, float), ornt, start, end, network_size)
     net_image = resize(crop(canonical, start, end)[None].astype(np.float32, copy=False), network_size, "trilinear")
-    net_labels = None
-    if labels is not None:
-        canonical_labels = orientations.apply_orientation(labels, ornt)
-        net_labels = resize(torch.from_numpy(np.ascontiguousarray(crop(canonical_labels, start, end)))[None], network_size, "nearest")
+    def net_label(label_map: np.ndarray) -> torch.Tensor:
+        canonical_labels = orientations.apply_orientation(label_map, ornt)
+        return resize(torch.from_numpy(np.ascontiguousarray(crop(canonical_labels, start, end)))[None], network_size, "nearest")
+
+    if labels is None:
+        net_labels = None
+    elif isinstance(labels, np.ndarray):
+        net_labels = net_label(labels)
+    else:
+        net_labels = [net_label(label_map) for label_map in labels]
     return net_image, net_labels, geometry

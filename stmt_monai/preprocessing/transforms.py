@@ -53,6 +53,8 @@ from stmt_monai.preprocessing.roi import (
 from stmt_monai.preprocessing.stage_input import prepare_volume
 
 IMAGE, LABEL, ROI, GEOMETRY, STREAM = "image", "label", "roi", "geometry", "stream"
+#: key of the image's voxel-to-world affine between :class:`LoadCased` and :class:`LoadStageInputd`
+IMAGE_AFFINE = "image_affine"
 
 
 #: value of an item's ``roi`` that means "no crop: the whole image is the region of interest"
@@ -77,22 +79,62 @@ def target_lookup(stage: str) -> np.ndarray:
     return lut
 
 
-class LoadStageInputd(MapTransform, Randomizable):
-    """Load a case and prepare it for one stage's network (paper section 2.1).
+class LoadCased(MapTransform):
+    """Read a case's files: the deterministic first half of :class:`LoadStageInputd`.
 
-    Input dict: ``image`` (path: NIfTI, ITK file or DICOM folder), optional ``label``
-    (path), optional ``roi`` (path of a mask on the image's grid whose bounding box is the
-    stage-2 region of interest, or :data:`WHOLE_IMAGE_ROI` for no crop; without it the label
-    itself gives the box in stage 2).
-    Output dict: ``image`` ``(1, *spatial_size)`` float32 normalised; ``label``
-    ``(1, *spatial_size)`` uint8 stage target; ``geometry`` a JSON string of the
-    :class:`~stmt_monai.preprocessing.geometry.CaseGeometry` (collates as a list of strings), used by
-    :class:`RestoreLabelMapd`; paths are kept under ``image_path`` / ``label_path``.
+    ``image`` (path: NIfTI, ITK file or DICOM folder) becomes the ``(X, Y, Z)`` float32 HU array in
+    the file's voxel order, with its affine under ``image_affine`` and its path under
+    ``image_path``; each other key (label maps, e.g. ``label``) becomes its uint8 array on the same
+    grid (path under ``<key>_path``); ``roi`` (a mask path) becomes its array. Items already read
+    pass unchanged. A ``CacheDataset`` keeps this transform's output (it is not random), so a
+    training run reads and decompresses each file once (the region-of-interest jitter, the
+    resize and the augmentations that follow stay random).
+
+    Args:
+        keys: the image key first, then the label keys.
+        roi_key: the key of the region-of-interest mask (or :data:`WHOLE_IMAGE_ROI`).
+    """
+
+    def __init__(self, keys: KeysCollection = (IMAGE, LABEL), roi_key: str = ROI, allow_missing_keys: bool = True):
+        super().__init__(keys, allow_missing_keys)
+        self.roi_key = roi_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image_key, *label_keys = self.keys
+        if isinstance(d[image_key], np.ndarray):
+            return d
+        image_path = d[image_key]
+        image, affine = load_image(image_path)
+        d[image_key], d[IMAGE_AFFINE], d["image_path"] = image, affine, str(image_path)
+        for key in label_keys:
+            if d.get(key) is not None:
+                d[f"{key}_path"] = str(d[key])
+                d[key], _ = load_label(d[key], image.shape, affine)
+        roi = d.get(self.roi_key)
+        if roi is not None and not isinstance(roi, np.ndarray) and roi != WHOLE_IMAGE_ROI:
+            d[self.roi_key], _ = load_label(roi, image.shape, affine)
+        return d
+
+
+class LoadStageInputd(MapTransform, Randomizable):
+    """Prepare a case for one stage's network (paper section 2.1).
+
+    Input dict: ``image`` (a path, or the arrays of :class:`LoadCased`, which this transform
+    runs first when given paths), optional label keys (``label``; e.g. also ``oracle``), optional
+    ``roi`` (a mask on the image's grid whose bounding box is the stage-2 region of interest, or
+    :data:`WHOLE_IMAGE_ROI` for no crop; without it the first label gives the box in stage 2).
+    Output dict: ``image`` ``(1, *spatial_size)`` float32 normalised; each label ``(1,
+    *spatial_size)`` uint8 stage target, all cropped with the same box; ``geometry`` a JSON string
+    of the :class:`~stmt_monai.preprocessing.geometry.CaseGeometry` (collates as a list of
+    strings), used by :class:`RestoreLabelMapd`; paths are kept under ``image_path`` /
+    ``<label key>_path``.
 
     Args:
         stage: ``"abdomen"`` (whole volume), ``"organ"`` or ``"tumor"`` (region of interest).
         fingerprint: :class:`Fingerprint`, dict or JSON path.
         spatial_size: network input size, e.g. (128,128,128) stage 1, (192,192,192) stage 2.
+        keys: the image key, then the label keys.
         roi_margin_mm: margin around the region of interest (stage 2).
         roi_jitter_mm: training: random change of each side's margin, uniform in +-this.
         crop_roi: crop to the region of interest (default: stage 2 yes, stage 1 no).
@@ -123,22 +165,20 @@ class LoadStageInputd(MapTransform, Randomizable):
         self.roi_jitter_mm = float(roi_jitter_mm)
         self.crop_roi = stage != "abdomen" if crop_roi is None else bool(crop_roi)
         self.lut = torch.from_numpy(target_lookup(stage))
+        self.load = LoadCased(keys)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        d = dict(data)
-        image_path = d[IMAGE]
-        image, affine = load_image(image_path)
-        labels = None
-        if d.get(LABEL) is not None:
-            labels, _ = load_label(d[LABEL], image.shape, affine)
+        d = self.load(data)
+        image_key, *label_keys = self.keys
+        image, affine = d[image_key], d.pop(IMAGE_AFFINE)
+        labels = {key: d[key] for key in label_keys if isinstance(d.get(key), np.ndarray)}
         roi_mask = None
         if self.crop_roi:
-            if d.get(ROI) == WHOLE_IMAGE_ROI:
-                roi_mask = None
-            elif d.get(ROI) is not None:
-                roi_mask, _ = load_label(d[ROI], image.shape, affine)
-            elif labels is not None:
-                roi_mask = labels
+            roi = d.get(ROI)
+            if isinstance(roi, np.ndarray):
+                roi_mask = roi
+            elif roi is None and labels:
+                roi_mask = next(iter(labels.values()))
         net_image, net_labels, geometry = prepare_volume(
             image,
             affine,
@@ -147,14 +187,12 @@ class LoadStageInputd(MapTransform, Randomizable):
             margin_mm=self.roi_margin_mm,
             jitter_mm=self.roi_jitter_mm,
             rng=self.R,
-            labels=labels,
+            labels=list(labels.values()),
             target_spacing_mm=self.target_spacing_mm,
         )
-        d[IMAGE] = self.fingerprint.normalize(net_image).float()
-        d["image_path"] = str(image_path)
-        if net_labels is not None:
-            d["label_path"] = str(d[LABEL])
-            d[LABEL] = self.lut[net_labels.long()]
+        d[image_key] = self.fingerprint.normalize(net_image).float()
+        for key, net_label in zip(labels, net_labels):
+            d[key] = self.lut[net_label.long()]
         d.pop(ROI, None)
         d[GEOMETRY] = geometry.to_json()
         return d
@@ -237,17 +275,19 @@ def stage_transforms(
         patch_size, num_patches: training of a patch-based network (the teacher): random
             ``patch_size`` crops, half of them centred on foreground, as nnU-Net samples.
     """
+    keys = (IMAGE, *label_keys)
     load = LoadStageInputd(
         stage,
         fingerprint,
         spatial_size,
-        keys=(IMAGE, *label_keys),
+        keys=keys,
         roi_margin_mm=roi_margin_mm,
         roi_jitter_mm=roi_jitter_mm,
         crop_roi=crop_roi,
         target_spacing_mm=target_spacing_mm,
     )
-    steps = [load]
+    # file reading first, on its own: a CacheDataset keeps it (the rest is random in training)
+    steps = [LoadCased(keys), load]
     if train and patch_size is not None:
         steps += [
             SpatialPadd((IMAGE, *label_keys), spatial_size=patch_size, allow_missing_keys=True),

@@ -109,7 +109,7 @@ def _make_one(out_dir: str, config: CohortConfig, entry: dict) -> dict:
     case = synthesize_case(entry["seed"], config, entry["num_tumors"])
     out = Path(out_dir)
     name, split = entry["name"], entry["split"]
-    paths = _case_paths(name, split)
+    paths = case_paths(name, split)
     record = {"split": split, **case.info}
     present = sorted(int(v) for v in np.unique(case.labels) if v in ORGANS)
     record["organs_in_truth"] = present
@@ -188,7 +188,7 @@ def make_cohort(out_dir: str | os.PathLike, config: CohortConfig = CohortConfig(
     return policy
 
 
-def _case_paths(name: str, split: str) -> dict[str, str]:
+def case_paths(name: str, split: str) -> dict[str, str]:
     """Relative paths of a case's files by kind (``image``, ``label``, ``truth``) in the layout."""
     if split == "labelled":
         return {
@@ -203,7 +203,7 @@ def _case_paths(name: str, split: str) -> dict[str, str]:
 
 def _remove_stale_cases(out: Path, records: Mapping[str, Mapping]) -> None:
     """Delete synthetic case files of an earlier run in ``out`` that are not files of this cohort."""
-    keep = {out / p for name, r in records.items() for p in _case_paths(name, r["split"]).values()}
+    keep = {out / p for name, r in records.items() for p in case_paths(name, r["split"]).values()}
     for folder in set(LAYOUT.values()):
         for path in (out / folder).glob("FLARE23Syn*.nii.gz"):
             if path not in keep:
@@ -212,5 +212,5 @@ def _remove_stale_cases(out: Path, records: Mapping[str, Mapping]) -> None:
 
 def case_files(cohort_dir: str | os.PathLike, name: str, record: Mapping) -> tuple[Path, Path]:
     """``(image, full_truth)`` paths of a case of a cohort written by :func:`make_cohort`."""
-    paths = _case_paths(name, record["split"])
+    paths = case_paths(name, record["split"])
     return Path(cohort_dir) / paths["image"], Path(cohort_dir) / paths.get("truth", paths.get("label"))

@@ -73,6 +73,10 @@ class MeanTeacherTrainer(SupervisedTrainer):
             ramp-up, not in the paper); 0 for none. Without it an untrained teacher's tumor
             predictions (a random network marks 20-90 % of a volume as tumor) are targets from the
             first iteration, and the student can settle on them.
+        oracle_key: an upper bound for ablations, not a training method: the batch key of a
+            complete tumor label (e.g. a synthetic cohort's hidden truth, augmented with the image)
+            that stands in for the teacher's prediction in the extra target (still corrected with
+            the annotation); ``None`` (default): the teacher's prediction, as the paper.
         *args, **kwargs: as ``monai.engines.SupervisedTrainer``; ``loss_function`` is a
             :class:`stmt_monai.training.losses.WeightedStreamsLoss` with weights for ``"labelled"`` and
             ``"cpl"`` (``TUMOR_STREAM_WEIGHTS``), called as ``loss(pred, {"labelled": label,
@@ -84,10 +88,11 @@ class MeanTeacherTrainer(SupervisedTrainer):
     ``lambda_cpl`` (the weight used this iteration).
     """
 
-    def __init__(self, *args, teacher: torch.nn.Module, lambda_rampup_epochs: float = 0.0, **kwargs):
+    def __init__(self, *args, teacher: torch.nn.Module, lambda_rampup_epochs: float = 0.0, oracle_key: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher
         self.lambda_rampup_epochs = float(lambda_rampup_epochs)
+        self.oracle_key = oracle_key
 
     @torch.no_grad()
     def teacher_pseudo_label(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -114,7 +119,11 @@ class MeanTeacherTrainer(SupervisedTrainer):
             engine.loss_function = lambda pred, label: loss_function(pred, {LABELLED: label})
         else:
             image, label = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
-            pseudo_label = self.teacher_pseudo_label(image, label)
+            if self.oracle_key is not None:
+                oracle = batchdata[self.oracle_key].to(device=label.device, dtype=label.dtype)
+                pseudo_label = correct_tumor_pseudo_label(oracle, label)
+            else:
+                pseudo_label = self.teacher_pseudo_label(image, label)
             engine.loss_function = lambda pred, label: loss_function(pred, {LABELLED: label, CPL: pseudo_label})
             lambda_cpl = float(weights[CPL]) if weights is not None else 1.0
             if weights is not None and self.lambda_rampup_epochs > 0:
