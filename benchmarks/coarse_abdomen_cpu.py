@@ -10,8 +10,8 @@ shared with other jobs.
 
 Steps, each with the project's own entry points:
 
-1. a synthetic FLARE23-layout cohort (``stmt_monai.synthetic.annotation.make_cohort``, as ``scripts/make_cohort.py``)
-   and its datalists and fingerprint (``stmt_monai.data.triage.triage_dataset``, as ``scripts/prepare_data.py``);
+1. a synthetic FLARE23-layout cohort (``stmt_monai.synthetic.annotation.make_cohort``, as ``stmt-make-cohort``)
+   and its datalists and fingerprint (``stmt_monai.data.triage.triage_dataset``, as ``stmt-prepare-data``);
 2. pseudo labels for the partial and unlabelled cases, in the organ teacher's datalist format, with
    the cohort's hidden truth standing in for the teacher ("oracle teacher": organs of the truth,
    corrected with the partial annotation exactly as ``correct_pseudo_label`` does). The real

@@ -1,6 +1,6 @@
 """Running a bundle's workflow: which config files make it up, and the one command that runs it.
 
-Every place that runs a bundle workflow (``stmt-train``, the ablation, ``scripts/train_demo.py``,
+Every place that runs a bundle workflow (``stmt-train``, the ablation, ``stmt-train-demo``,
 the export, the tests) goes through :func:`config_files` (the layering rule) and
 :func:`bundle_command` / :func:`run_workflow` (``python -m monai.bundle run``, or ``torchrun``
 for several processes), so that a user's command line and the project's own runs are the same.

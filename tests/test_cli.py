@@ -100,10 +100,34 @@ def test_missing_weights_exit_2(tmp_path, capsys):
     assert "not a stage bundle" in capsys.readouterr().err
 
 
-def test_entry_point_is_declared():
+def test_console_commands_are_declared_and_importable():
+    import importlib
+
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["stmt-segment"] == "stmt_monai.cli:segment_main"
+    commands = ("stmt-prepare-data", "stmt-make-cohort", "stmt-evaluate", "stmt-efficiency", "stmt-export", "stmt-train-demo")
+    assert set(commands) <= set(scripts)
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+
+
+def test_commands_score_a_folder_and_say_what_is_wrong_in_one_line(real_organs, tmp_path, capsys):
+    """stmt-evaluate on a prediction equal to the truth: DSC 100 %; a missing folder: exit 2, one line."""
+    from stmt_monai.cli import evaluate_main
+
+    for folder in ("gt", "pred"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "case.nii.gz").write_bytes(real_organs.read_bytes())
+    evaluate_main([str(tmp_path / "pred"), str(tmp_path / "gt"), "--classes", "1,2", "--progress", "False"])
+    out = capsys.readouterr().out
+    assert "1 cases scored, 0 not scored" in out and "| 1 | liver | 100.00 | 100.00 |" in out
+    assert (tmp_path / "pred" / "eval" / "per_case.csv").read_text().startswith("case,liver_dsc,right_kidney_dsc")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main([str(tmp_path / "pred"), str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"stmt-evaluate: {tmp_path / 'missing'}: no such file or folder\n"
 
 
 def _readme_main_job() -> list[str]:
@@ -119,7 +143,7 @@ def _readme_main_job() -> list[str]:
 def test_readme_main_job_runs_with_the_shipped_demo_weights(real_ct, real_organs, tmp_path, monkeypatch):
     """README's main job, as written, with the demo weights shipped in bundles/*/models/demo.
 
-    Floors: the demo networks (trained by scripts/train_demo.py on a synthetic cohort generated
+    Floors: the demo networks (trained by stmt-train-demo on a synthetic cohort generated
     from this very CT, so this is no held-out score) gave liver DSC 0.95, kidneys 0.93, spleen
     0.93 against the CT's organ mask; 0.85 / 0.8 catch weights that do not load, a wrong
     network size in configs/demo.json, or a broken crop / restore (which give < 0.3)."""

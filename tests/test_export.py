@@ -91,7 +91,7 @@ def test_cascade_from_exported_models_gives_the_torch_label_map(exported_bundles
     weights = organ / "models" / "demo" / "model.pt"
     later = exported_path(weights, "onnx").stat().st_mtime + 60
     os.utime(weights, (later, later))  # weights newer than their export
-    with pytest.raises(RuntimeError, match="re-export with: python scripts/export.py"):
+    with pytest.raises(RuntimeError, match="re-export with: stmt-export"):
         StageModel.from_bundle(organ, "organ", weights="demo", backend="onnx")
     exported_path(weights, "onnx").unlink()
     with pytest.raises(FileNotFoundError, match="no onnx export"):

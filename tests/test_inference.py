@@ -83,7 +83,7 @@ def test_organs_land_where_the_real_ct_has_them(trained_cascade, real_ct, real_o
 def test_stage_model_reads_the_bundles(tmp_path):
     bundles = copy_bundles(tmp_path)
     tumor = bundles / "tumor_meanteacher"
-    with pytest.raises(FileNotFoundError, match="train_demo.py"):
+    with pytest.raises(FileNotFoundError, match="stmt-train-demo"):
         StageModel.from_bundle(tumor, "tumor")
     parser, kind = bundle_config(tumor)
     assert kind == "demo" and parser.get_parsed_content("spatial_size") == TINY["spatial_size"]

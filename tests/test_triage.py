@@ -1,4 +1,4 @@
-"""Triage (stmt_monai.data.triage, scripts/prepare_data.py): categories, datalists, failures."""
+"""Triage (stmt_monai.data.triage, stmt-prepare-data): categories, datalists, failures."""
 
 import gzip
 import json

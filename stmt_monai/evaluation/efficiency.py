@@ -194,7 +194,7 @@ def measure_command(
           process of the tree (``wait4`` rusage, the per-child form of
           ``getrusage(RUSAGE_CHILDREN).ru_maxrss``). It misses no peak, but Linux counts in it
           the memory of the measuring process at the fork, so it reads high by up to that
-          process's size (about 50 MB for ``scripts/efficiency.py``).
+          process's size (about 50 MB for ``stmt-efficiency``).
         - ``gpu_max_mb``: largest sample of total minus free device memory; ``gpu_auc_mb_s``:
           sum of samples x ``poll_interval``; ``gpu_samples``: how many. NaN / 0 without a GPU.
         - ``returncode``: the command's exit status (negative: killed by that signal).

@@ -56,7 +56,7 @@ def bundle_config(bundle_root: str | os.PathLike, weights: str = "auto"):
       ``ckpt_dir``/model.pt), network as ``common.json`` defines it (the paper's sizes);
     - ``"demo"``: ``configs/demo.json`` layered on top; it redefines the network's size keys
       (``base_channels``, ``num_downsamplings``, ``network_def#max_channels``, ``spatial_size``)
-      and ``ckpt_dir`` (``models/demo``), exactly as ``scripts/train_demo.py`` trained them;
+      and ``ckpt_dir`` (``models/demo``), exactly as ``stmt-train-demo`` trained them;
     - ``"auto"``: ``"trained"`` if the trained weights file exists, else ``"demo"`` if the bundle
       has ``configs/demo.json``, else ``"trained"`` (whose missing file is then reported).
 
@@ -86,7 +86,7 @@ def bundle_config(bundle_root: str | os.PathLike, weights: str = "auto"):
         if not weights_path(parse([])).is_file() and demo_file.is_file():
             kind = "demo"
     if kind == "demo" and not demo_file.is_file():
-        raise FileNotFoundError(f"{root}: no {DEMO_CONFIG} (demo weights not installed; run scripts/train_demo.py)")
+        raise FileNotFoundError(f"{root}: no {DEMO_CONFIG} (demo weights not installed; run stmt-train-demo)")
     return parse([demo_file] if kind == "demo" else []), kind
 
 
@@ -122,7 +122,7 @@ def write_demo_config(bundle_root: str | os.PathLike, settings: Mapping) -> Path
     ``settings`` holds bundle ids (``base_channels``, ``num_downsamplings``, ``spatial_size``,
     ``network_def#max_channels``, ...); ``ckpt_dir`` is set to ``models/demo`` so the demo
     weights and fingerprint never mix with trained ones in ``models/``. Training with this file
-    layered (``scripts/train_demo.py``) and :func:`bundle_config` (``weights="demo"``) then build
+    layered (``stmt-train-demo``) and :func:`bundle_config` (``weights="demo"``) then build
     the same network.
     """
     from stmt_monai.io import write_text_atomic

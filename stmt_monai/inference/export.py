@@ -10,7 +10,7 @@ cascade's ``torchscript`` and ``onnx`` backends (:class:`stmt_monai.inference.st
 - ONNX: ``torch.onnx.export`` (the dynamo exporter, onnxscript) at the bundle's fixed input
   ``(1, in_channels, *spatial_size)``; run by ONNX Runtime.
 
-``scripts/export.py`` is the command line over :func:`export_bundle`.
+``stmt-export`` is the command line over :func:`export_bundle`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def bundle_network(bundle_root: str | os.PathLike, weights: str = "auto"):
     parser, kind = bundle_config(bundle_root, weights)
     path = weights_path(parser)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no weights to export (train the bundle, or scripts/train_demo.py)")
+        raise FileNotFoundError(f"{path}: no weights to export (train the bundle, or stmt-train-demo)")
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(load_weights(path, parser.get("inference_network")))
     return network.eval(), parser, kind

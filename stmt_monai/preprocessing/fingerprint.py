@@ -74,7 +74,7 @@ class Fingerprint:
             data = json.loads(Path(path).read_text())
             return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
         except FileNotFoundError:
-            raise ImageError(path, "fingerprint file not found (run scripts/prepare_data.py first)") from None
+            raise ImageError(path, "fingerprint file not found (run stmt-prepare-data first)") from None
         except (ValueError, TypeError, KeyError) as err:
             raise ImageError(path, f"not a fingerprint JSON ({err})") from None
 

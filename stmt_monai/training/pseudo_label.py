@@ -196,7 +196,7 @@ def generate_pseudo_labels(
     Args:
         network: the trained teacher (``stmt_monai.networks.teacher_network``), on ``device``.
         inferer: its sliding-window inferer (``stmt_monai.networks.sliding_window_inferer``).
-        jobs: datalist JSON (``datalist_pseudo_label_jobs.json`` of ``scripts/prepare_data.py``) or
+        jobs: datalist JSON (``datalist_pseudo_label_jobs.json`` of ``stmt-prepare-data``) or
             its items: ``{"image", "label" (partial annotation, optional), "name", "kind"}``.
         fingerprint: the intensity fingerprint the teacher was trained with (object, dict, path).
         out_dir: output folder: ``<name>.nii.gz`` per case and :data:`PSEUDO_DATALIST`.

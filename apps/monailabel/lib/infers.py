@@ -106,7 +106,7 @@ class CascadeInferTask(InferTask):
         for stage, root in parser.get_parsed_content("stage_bundles").items():
             path = weights_path(bundle_config(root, weights)[0])
             if not path.is_file():
-                raise FileNotFoundError(f"stage {stage}: no weights {path} (train the bundle, or make the demo weights: scripts/train_demo.py)")
+                raise FileNotFoundError(f"stage {stage}: no weights {path} (train the bundle, or make the demo weights: stmt-train-demo)")
             files.append(path)
         return files
 

@@ -1,7 +1,7 @@
 """Train the shipped demo weights: all three stages, on a generated cohort, on the CPU.
 
-    python scripts/train_demo.py                       # the shipped weights (seed 0)
-    python scripts/train_demo.py --work_dir /tmp/demo --epochs 2 --teacher_epochs 2   # a smoke run
+    stmt-train-demo                       # the shipped weights (seed 0)
+    stmt-train-demo --work_dir /tmp/demo --epochs 2 --teacher_epochs 2   # a smoke run
 
 In order (every training run is its bundle's own workflow, run by ``python -m monai.bundle run``):
 
@@ -35,19 +35,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
-import subprocess
-import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
-import fire
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
-
-from stmt_monai.inference.bundles import STAGE_BUNDLES, bundle_config, load_weights, save_weights, write_demo_config
+from stmt_monai.bundle import run_workflow
+from stmt_monai.inference.bundles import (
+    STAGE_BUNDLES,
+    bundle_config,
+    default_bundles_dir,
+    load_weights,
+    save_weights,
+    write_demo_config,
+)
 from stmt_monai.synthetic.oracle import oracle_pseudo_labels
+
+logger = logging.getLogger(__name__)
 
 #: reduced Res-UNet of every demo network: 8 base channels, 4 down-samplings, at most 128
 #: channels (1.42 M parameters, 2.9 MB in fp16; the paper's student has 16.7 M)
@@ -75,36 +80,22 @@ DEMO_TEACHER = {
 }
 
 
-def _bundle_command(bundle: Path, workflow: str, overrides: dict) -> list[str]:
-    configs = bundle / "configs"
-    files = [str(configs / "common.json"), str(configs / f"{workflow}.json"), str(configs / "demo.json")]
-    args = [
-        sys.executable, "-m", "monai.bundle", "run",
-        "--bundle_root", str(bundle),
-        "--config_file", repr(files),
-        "--meta_file", str(configs / "metadata.json"),
-        "--logging_file", str(configs / "logging.conf"),
-    ]
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
-    return args
+def _run(bundle: Path, workflow: str, overrides: Mapping, log_dir: Path) -> float:
+    """Run one bundle workflow with ``configs/demo.json`` layered last (:func:`stmt_monai.bundle.run_workflow`);
+    its seconds. Its output goes to ``log_dir/<bundle>_<workflow>.log``.
 
-
-def _run(bundle: Path, workflow: str, overrides: dict, log_dir: Path) -> float:
-    """Run one bundle workflow; its output goes to ``log_dir/<bundle>_<workflow>.log``."""
+    Raises:
+        stmt_monai.bundle.WorkflowFailed: the workflow failed (the message names the log).
+    """
     log = log_dir / f"{bundle.name}_{workflow}.log"
-    print(f"[train_demo] {bundle.name} {workflow} (log: {log})", flush=True)
-    start = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.run(_bundle_command(bundle, workflow, overrides), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        sys.exit(f"[train_demo] {bundle.name} {workflow} failed after {seconds:.0f} s; see {log}:\n" + log.read_text()[-3000:])
-    print(f"[train_demo] {bundle.name} {workflow}: {seconds:.0f} s", flush=True)
+    log.unlink(missing_ok=True)
+    logger.info("%s %s (log: %s)", bundle.name, workflow, log)
+    seconds = run_workflow(bundle, workflow, overrides, log_file=log, demo=True)
+    logger.info("%s %s: %.0f s", bundle.name, workflow, seconds)
     return seconds
 
 
-def finalize(bundle: Path, record: dict) -> dict:
+def finalize(bundle: Path, record: Mapping) -> dict:
     """Keep only the inference network in fp16 and the fingerprint in ``models/demo``."""
     parser, _ = bundle_config(bundle, "demo")
     ckpt = Path(parser.get_parsed_content("ckpt_dir"))
@@ -117,7 +108,7 @@ def finalize(bundle: Path, record: dict) -> dict:
     data = (ckpt / "model.pt").read_bytes()
     record = {
         **record,
-        "what": "demo weights: trained on a synthetic cohort (scripts/train_demo.py), NOT for clinical use",
+        "what": "demo weights: trained on a synthetic cohort (stmt-train-demo), NOT for clinical use",
         "storage": "fp16 state dict (cast to fp32 on load)",
         "network": {**DEMO_NETWORK, "spatial_size": parser.get_parsed_content("spatial_size")},
         "inference_network": key,
@@ -128,7 +119,7 @@ def finalize(bundle: Path, record: dict) -> dict:
     return record
 
 
-def main(
+def train_demo(
     work_dir: str = "data/demo",
     seed: int = 0,
     num_labelled: int = 16,
@@ -145,8 +136,9 @@ def main(
     teacher: str = "oracle",
     stages: str | tuple = tuple(STAGE_BUNDLES),
     bundles_dir: str | None = None,
-) -> None:
-    """Make the cohort, train the three stages with their bundles, write the demo weights.
+) -> dict[str, dict]:
+    """Make the cohort, train the three stages with their bundles, write the demo weights
+    (``<bundle>/models/demo``); returns each trained stage's record (its ``demo_weights.json``).
 
     Args:
         work_dir: cohort, prepared datalists, pseudo labels and logs (not shipped).
@@ -168,6 +160,10 @@ def main(
         stages: the stages to train (``abdomen``, ``organ``, ``tumor``, comma-separated); the
             others keep their demo weights.
         bundles_dir: where the stage bundles are (default the repository's ``bundles/``).
+
+    Raises:
+        ValueError: unknown ``stages`` or ``teacher``.
+        stmt_monai.bundle.WorkflowFailed: a training workflow failed (its log named).
     """
     from stmt_monai.data.triage import triage_dataset
     from stmt_monai.synthetic.annotation import make_cohort
@@ -175,18 +171,20 @@ def main(
 
     start = time.perf_counter()
     work = Path(work_dir).resolve()
-    bundles = Path(bundles_dir).resolve() if bundles_dir else REPO / "bundles"
+    bundles = Path(bundles_dir).resolve() if bundles_dir else default_bundles_dir()
     cohort, prepared, pseudo, logs = work / "cohort", work / "prepared", work / "pseudo_labels", work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     config = CohortConfig(num_labelled=num_labelled, num_unlabelled=num_unlabelled, num_validation=num_validation, num_test=0, size=size, fully_share=fully_share)
     if not (cohort / "policy.json").exists():
         make_cohort(cohort, config, seed=seed, progress=False)
     triage_dataset(cohort, prepared, progress=False)
-    print(f"[train_demo] cohort and triage: {time.perf_counter() - start:.0f} s", flush=True)
+    logger.info("cohort and triage: %.0f s", time.perf_counter() - start)
 
     stages = stages.split(",") if isinstance(stages, str) else list(stages)
     if set(stages) - set(STAGE_BUNDLES):
-        sys.exit(f"--stages must be among {list(STAGE_BUNDLES)}, got {stages}")
+        raise ValueError(f"--stages must be among {list(STAGE_BUNDLES)}, got {stages}")
+    if teacher not in ("oracle", "train"):
+        raise ValueError(f"--teacher must be 'oracle' or 'train', got {teacher!r}")
     roots = {stage: bundles / name for stage, name in STAGE_BUNDLES.items() if stage in stages}
     for stage, root in roots.items():
         write_demo_config(root, {**DEMO_NETWORK, "spatial_size": DEMO_SIZES[stage]})
@@ -206,13 +204,11 @@ def main(
     if teacher == "train":
         seconds["organ_teacher"] = _run(organ, "train_teacher", {**common, **where["organ"], **DEMO_TEACHER, "teacher_max_epochs": teacher_epochs, "teacher_val_interval": val_interval}, logs)
         seconds["pseudo_label"] = _run(organ, "pseudo_label", {**common, **where["organ"], **DEMO_TEACHER, "progress": False}, logs)
-    elif teacher == "oracle":
+    else:  # oracle
         clock = time.perf_counter()
         pseudo.mkdir(parents=True, exist_ok=True)
-        oracle_pseudo_labels(cohort, prepared, pseudo)  # stmt_monai.training.pseudo_label
+        oracle_pseudo_labels(cohort, prepared, pseudo)
         seconds["pseudo_label"] = time.perf_counter() - clock
-    else:
-        sys.exit(f"--teacher must be 'oracle' or 'train', got {teacher!r}")
     if "abdomen" in roots:
         seconds["abdomen"] = _run(roots["abdomen"], "train", {**common, **where["abdomen"], **DEMO_OPTIMIZER["abdomen"], "max_epochs": epochs}, logs)
     if "organ" in roots:
@@ -232,11 +228,7 @@ def main(
         "tumor_lambda_rampup_epochs": tumor_rampup_epochs,
         "train_seconds": {k: round(v) for k, v in seconds.items()},
     }
-    total = 0
-    for stage, root in roots.items():
-        total += finalize(root, record)["model_bytes"]
-    print(f"[train_demo] done in {time.perf_counter() - start:.0f} s; demo weights {total / 2**20:.1f} MiB in bundles/*/models/demo/", flush=True)
-
-
-if __name__ == "__main__":
-    fire.Fire(main)
+    records = {stage: finalize(root, record) for stage, root in roots.items()}
+    total = sum(r["model_bytes"] for r in records.values())
+    logger.info("done in %.0f s; demo weights %.1f MiB in %s/*/models/demo/", time.perf_counter() - start, total / 2**20, bundles)
+    return records
