@@ -85,3 +85,51 @@ def test_every_backend_is_a_stage_runner(tmp_path, monkeypatch):
         StageModel.from_bundle(bundles / "organ_selftrain", "organ", device="meta", backend="openvino")
     with pytest.raises(ValueError, match="OpenVINO"):
         StageModel.from_bundle(bundles / "organ_selftrain", "organ", backend="torch", precision="bf16")
+
+
+@pytest.fixture(scope="module")
+def int8_bundles(tmp_path_factory, small_cohort):
+    """The shipped demo bundles copied, with NNCF int8 models calibrated on a folder of
+    generated cases (the user's-own-folder path); the organ one through ``export_bundle``
+    (``stmt-export --formats openvino_int8``)."""
+    import shutil
+
+    from stmt_monai.inference.bundles import STAGE_BUNDLES, default_bundles_dir
+    from stmt_monai.inference.export import INT8, export_bundle, export_int8
+
+    dest = tmp_path_factory.mktemp("int8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STMT_MONAI_CACHE", str(dest / "cache"))
+        for name in STAGE_BUNDLES.values():
+            shutil.copytree(default_bundles_dir() / name / "configs", dest / name / "configs")
+            shutil.copytree(default_bundles_dir() / name / "models" / "demo", dest / name / "models" / "demo")
+        with pytest.raises(FileNotFoundError, match="openvino_int8"):
+            Cascade(dest, weights="demo", precision="int8")
+        export_int8(dest, "demo", small_cohort / "imagesTr", stages=["abdomen", "tumor"], threads=1)
+        assert export_bundle(dest / "organ_selftrain", "demo", [INT8], calibration=small_cohort / "imagesTr")[INT8].name == "model.int8.xml"
+    return dest
+
+
+def test_int8_and_machine_precision_keep_the_labels(int8_bundles, monkeypatch, real_ct, small_cohort):
+    """Gate of the faster precisions, demo weights: label maps agree with OpenVINO f32 on
+    >= 99.5 % of the shipped CT's voxels, and the mean organ DSC on the generated cohort's
+    validation and test cases moves by at most 0.5 points."""
+    from stmt_monai.io import find_cases, load_image, load_label
+
+    monkeypatch.setenv("STMT_MONAI_CACHE", str(int8_bundles / "cache"))
+    cascades = {p: Cascade(int8_bundles, weights="demo", precision=p, threads=1) for p in ("f32", "auto", "int8")}
+    assert cascades["int8"].describe()["stages"]["organ"]["ir"].endswith("model.int8.xml")
+    reference = cascades["f32"].segment(real_ct).labels
+    for precision in ("auto", "int8"):
+        assert (cascades[precision].segment(real_ct).labels == reference).mean() >= 0.995, precision
+    scores = {p: [] for p in cascades}
+    for split in ("validation", "test"):
+        for path in find_cases(small_cohort / split / "images"):
+            image, affine = load_image(path)
+            truth, _ = load_label(small_cohort / split / "labels" / path.name.replace("_0000", ""))
+            for precision, cascade in cascades.items():
+                labels = cascade.segment_array(image, affine).labels
+                scores[precision].append(np.mean([dice(labels == k, truth == k) for k in ORGAN_CLASSES if (truth == k).any()]))
+    assert np.mean(scores["f32"]) > 0.5  # the demo networks segment organs: the comparison means something
+    for precision in ("auto", "int8"):
+        assert abs(np.mean(scores[precision]) - np.mean(scores["f32"])) <= 0.005, (precision, scores)

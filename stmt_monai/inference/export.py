@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stmt_monai.inference.backends import exported_path
+from stmt_monai.inference.backends import exported_path, save_ir_atomic
 from stmt_monai.inference.bundles import (
     DEMO_CONFIG,
+    STAGE_BUNDLES,
     bundle_config,
     load_weights,
     weights_path,
@@ -38,6 +39,11 @@ logger = logging.getLogger(__name__)
 
 #: export formats, named as the cascade backends that run them (``exported_path`` gives the file)
 FORMATS = ("torchscript", "onnx")
+
+
+#: the NNCF int8 OpenVINO model (:func:`export_int8`; run by ``--precision int8``), not in the default formats:
+#: it calibrates by running the cascade
+INT8 = "openvino_int8"
 
 
 #: names of the ONNX graph's input and output (the bundles' metadata keys)
@@ -206,7 +212,11 @@ def max_abs_difference(network: torch.nn.Module, paths: Sequence[str | os.PathLi
 
 
 def export_bundle(
-    bundle_root: str | os.PathLike, weights: str = "auto", formats: Sequence[str] = FORMATS, check: bool = True
+    bundle_root: str | os.PathLike,
+    weights: str = "auto",
+    formats: Sequence[str] = FORMATS,
+    check: bool = True,
+    calibration: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Export a stage bundle's network beside its weights (``model.ts``, ``model.onnx``).
 
@@ -214,9 +224,12 @@ def export_bundle(
         bundle_root: ``bundles/coarse_abdomen``, ``organ_selftrain`` or ``tumor_meanteacher``
             (the tumor bundle's ``inference_network`` entry of ``model.pt``, the teacher by default).
         weights: ``"auto"``, ``"trained"`` or ``"demo"``.
-        formats: any of ``"torchscript"``, ``"onnx"``.
+        formats: any of ``"torchscript"``, ``"onnx"`` and ``"openvino_int8"`` (:func:`export_int8`,
+            which needs the other two stage bundles beside this one).
         check: compare each export with the eager network on a random input of the network's
             size; the largest absolute difference is logged.
+        calibration: ``openvino_int8``: a CT file or folder to calibrate on (default: generated
+            cases and the shipped CT, :func:`calibration_images`).
 
     Returns:
         ``{format: path}``.
@@ -229,11 +242,134 @@ def export_bundle(
             written[fmt] = export_torchscript(bundle_root, kind)
         elif fmt == "onnx":
             written[fmt] = export_onnx(network, example_input(parser), exported_path(weights_path(parser), "onnx"))
+        elif fmt == INT8:
+            stage = {name: stage for stage, name in STAGE_BUNDLES.items()}.get(Path(bundle_root).resolve().name)
+            if stage is None:
+                raise ValueError(f"{bundle_root}: int8 calibration runs the cascade, so the bundle must be one of {sorted(STAGE_BUNDLES.values())} beside the other two")
+            written[fmt] = export_int8(Path(bundle_root).resolve().parent, kind, calibration, stages=[stage])[stage]
+            continue  # checked against f32 on its calibration cases, not on random input
         else:
-            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+            raise ValueError(f"format must be one of {FORMATS + (INT8,)}, got {fmt!r}")
         logger.info("%s: %s", fmt, written[fmt])
-    if check:
+    if check and written.keys() - {INT8}:
         x = torch.from_numpy(np.random.default_rng(0).standard_normal(tuple(example_input(parser).shape)).astype(np.float32))
-        for path, diff in max_abs_difference(network, list(written.values()), x).items():
+        for path, diff in max_abs_difference(network, [p for f, p in written.items() if f != INT8], x).items():
             logger.info("%s: max |exported - eager| = %.3g", path, diff)
+    return written
+
+
+# ----------------------------------------------------------------------------- int8 (NNCF)
+#: generated calibration cases (besides the shipped CT) when no folder is given
+CALIBRATION_CASES = 3
+
+
+def calibration_images(source: str | os.PathLike | None = None, num_cases: int = CALIBRATION_CASES, seed: int = 1000, size: int = 96):
+    """CT volumes to calibrate int8 quantisation on, one at a time.
+
+    Args:
+        source: a CT file or a folder of CTs (:func:`stmt_monai.io.find_cases`; at most
+            ``num_cases`` of them, first by name); default: the shipped real CT and ``num_cases``
+            generated cases (:func:`stmt_monai.synthetic.case.generate_case`, seeds from ``seed``,
+            not the cohort's training seeds).
+        num_cases: how many cases.
+        seed: first seed of the generated cases.
+        size: in-plane voxels of the generated cases.
+
+    Yields:
+        ``(name, image, affine)``: HU volume in its file's voxel order and its RAS affine.
+    """
+    from stmt_monai.io import find_cases, load_image
+
+    if source is not None:
+        for path in find_cases(source)[:num_cases]:
+            image, affine = load_image(path)
+            yield str(path), image, affine
+        return
+    from stmt_monai.synthetic.case import generate_case
+    from stmt_monai.synthetic.config import CohortConfig
+
+    shipped = Path(__file__).resolve().parents[1] / "example_data" / "abdomen_ct_3mm.nii.gz"
+    image, affine = load_image(shipped)
+    yield str(shipped), image, affine
+    for k in range(num_cases):
+        image, _, affine = generate_case(seed + k, CohortConfig(size=size))
+        yield f"generated seed {seed + k}", image, affine
+
+
+class RecordingRunner:
+    """A :class:`~stmt_monai.inference.backends.StageRunner` that keeps a copy of each input
+    it is given (the calibration data of its stage) and predicts with the runner it wraps."""
+
+    def __init__(self, runner):
+        self.runner, self.inputs = runner, []
+
+    def predict(self, x):
+        self.inputs.append(np.array(torch.as_tensor(x), np.float32))
+        return self.runner.predict(x)
+
+    def describe(self) -> dict:
+        return self.runner.describe()
+
+
+def export_int8(
+    bundles_dir: str | os.PathLike,
+    weights: str = "auto",
+    calibration: str | os.PathLike | None = None,
+    stages: Sequence[str] | None = None,
+    num_cases: int = CALIBRATION_CASES,
+    threads: int | None = None,
+) -> dict[str, Path]:
+    """int8 post-training quantisation (NNCF) of the stage networks' OpenVINO models.
+
+    The cascade runs in OpenVINO f32 on the calibration cases (:func:`calibration_images`) and
+    each stage's network inputs are recorded as the cascade makes them (stage 1: the whole CT at
+    128^3; stage 2: the crop stage 1 found, at 192^3); ``nncf.quantize`` calibrates each
+    stage's f32 IR (:func:`stmt_monai.inference.backends.openvino_ir`) on its inputs (the final
+    argmax is left out of quantisation). The int8 IR goes beside the weights
+    (``model.int8.xml`` / ``.bin``, :func:`stmt_monai.inference.backends.exported_path`), with
+    ``model.int8.json`` (calibration cases, NNCF version); ``--precision int8`` runs it.
+
+    Args:
+        bundles_dir: the folder of the three stage bundles.
+        weights: ``"auto"``, ``"trained"`` or ``"demo"``.
+        calibration: a CT file or folder (default: generated cases and the shipped CT).
+        stages: which of ``"abdomen"``, ``"organ"``, ``"tumor"`` (default all three).
+        num_cases: calibration cases.
+        threads: OpenVINO threads.
+
+    Returns:
+        ``{stage: int8 .xml}``.
+    """
+    import json
+
+    import nncf
+    import openvino as ov
+
+    from stmt_monai.inference.cascade import Cascade
+    from stmt_monai.io import write_text_atomic
+
+    stages = list(stages or STAGE_BUNDLES)
+    cascade = Cascade(bundles_dir, backend="openvino", precision="f32", weights=weights, threads=threads)
+    for model in cascade.models.values():
+        model.network = RecordingRunner(model.network)
+    names = []
+    for name, image, affine in calibration_images(calibration, num_cases):
+        cascade.segment_array(image, affine)
+        names.append(name)
+    written = {}
+    for stage in stages:
+        model = cascade.models[stage]
+        inputs = model.network.inputs
+        f32 = ov.Core().read_model(model.network.describe()["ir"])
+        # the argmax (TopK -> Convert) stays out: quantising the logits before it would move labels
+        argmax_ops = [op.get_friendly_name() for op in f32.get_ordered_ops() if op.get_type_name() in ("TopK", "Convert", "Result")]
+        quantized = nncf.quantize(
+            f32, nncf.Dataset(inputs), subset_size=len(inputs), ignored_scope=nncf.IgnoredScope(names=argmax_ops, validate=False)
+        )
+        xml = exported_path(model.weights_path, INT8)
+        save_ir_atomic(quantized, xml)
+        record = {"calibration": names, "inputs": len(inputs), "nncf": nncf.__version__, "openvino": ov.__version__, "weights": str(model.weights_path)}
+        write_text_atomic(xml.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
+        logger.info("%s int8: %s (calibrated on %d inputs)", stage, xml, len(inputs))
+        written[stage] = xml
     return written
