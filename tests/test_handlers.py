@@ -1,8 +1,16 @@
-"""stmt_monai.training.handlers: the best-model checkpoint keeps its best score across a resume."""
+"""stmt_monai.training.handlers: the best-model checkpoint keeps its best score across a resume;
+a training run killed at any moment (mid-epoch, while writing a checkpoint...) resumes losing at
+most one epoch, and an unreadable last checkpoint falls back to the previous one."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines import SupervisedEvaluator
 from monai.handlers import CheckpointLoader
 
@@ -66,3 +74,83 @@ def test_validation_handler_also_validates_after_an_off_interval_last_epoch(max_
     ValidationHandler(interval=5, validator=validator).attach(trainer)
     trainer.run([0], max_epochs=max_epochs)
     assert validated == expected  # every 5th epoch, plus the last one if it was not among them
+
+
+# ----------------------------------------------------------------------------- killed runs resume
+HELPER = Path(__file__).with_name("resume_helpers.py")
+MAX_EPOCHS = 5
+
+
+@pytest.fixture()
+def one_thread():
+    """resume_helpers runs with one torch thread (bitwise equal results across processes)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _weights(network: torch.nn.Module) -> dict:
+    return {k: v.clone() for k, v in network.state_dict().items()}
+
+
+KILLS = {  # where the run is killed: the last epoch whose checkpoint is complete
+    "iteration:3:2": 2,  # mid-epoch
+    "writing:3": 2,  # half-way through writing epoch 3's checkpoint
+    "replacing:3": 2,  # epoch 3's checkpoint written and the previous one kept, not yet renamed
+    "saved:3": 3,  # just after epoch 3's checkpoint is in place
+}
+
+
+@pytest.fixture(scope="module")
+def killed_runs(tmp_path_factory) -> Path:
+    """One process trains a run per kill, each in a forked child killed by SIGKILL."""
+    base = tmp_path_factory.mktemp("killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(HELPER), str(base), str(MAX_EPOCHS), *KILLS], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [word for kill in KILLS for word in (kill, "killed")], done.stdout + done.stderr
+    return base
+
+
+@pytest.mark.parametrize("kill", list(KILLS))
+def test_a_run_killed_at_any_moment_resumes_losing_at_most_one_epoch(killed_runs, tmp_path, one_thread, kill):
+    from resume_helpers import BATCHES, run
+
+    folder = killed_runs / kill.replace(":", "_")
+    # the checkpoint in place is complete (a kill while writing leaves only a hidden partial file)
+    last = torch.load(folder / "checkpoint_last.pt", weights_only=True)
+    assert last["trainer"]["iteration"] == KILLS[kill] * BATCHES
+    assert all(p.name.startswith(".") for p in folder.iterdir() if p.name not in ("checkpoint_last.pt", "checkpoint_last.prev.pt"))
+    # resumed from there, it ends exactly where an uninterrupted run ends
+    reference = _weights(run(str(tmp_path / "reference"), MAX_EPOCHS))
+    resumed = _weights(run(str(folder), MAX_EPOCHS))
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
+def test_an_unreadable_last_checkpoint_falls_back_to_the_previous_one(tmp_path, one_thread, caplog):
+    from resume_helpers import BATCHES, make_trainer, run
+
+    reference = _weights(run(str(tmp_path / "reference"), MAX_EPOCHS))
+    run(str(tmp_path / "run"), 3)
+    last, previous = tmp_path / "run" / "checkpoint_last.pt", tmp_path / "run" / "checkpoint_last.prev.pt"
+    assert torch.load(previous, weights_only=True)["trainer"]["iteration"] == 2 * BATCHES  # one epoch behind
+    last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
+    with caplog.at_level("WARNING", logger="stmt_monai.training.handlers"):
+        resumed = _weights(run(str(tmp_path / "run"), MAX_EPOCHS))
+    assert "checkpoint_last.pt is unreadable: resuming from the previous checkpoint" in caplog.text
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+    # neither readable: stop with both named, never a silent start from scratch
+    last.write_bytes(b"garbage")
+    previous.write_bytes(b"")
+    trainer, _ = make_trainer(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="no readable checkpoint to resume from.*checkpoint_last.pt.*checkpoint_last.prev.pt"):
+        trainer.run(trainer.data, max_epochs=MAX_EPOCHS)
+
+    # deleting the last checkpoint starts over (as the bundle docs say), the stale previous one removed
+    last.unlink()
+    trainer, _ = make_trainer(tmp_path / "run")
+    epochs = []
+    trainer.add_event_handler(Events.STARTED, lambda engine: epochs.append(engine.state.epoch))
+    trainer.run(trainer.data, max_epochs=1)
+    assert epochs == [0] and not previous.exists()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,17 +40,41 @@ def _state_dict(obj):
     return obj.state_dict() if hasattr(obj, "state_dict") else obj
 
 
-def save_checkpoint(path: str | os.PathLike, save_dict: Mapping) -> Path | None:
-    """``torch.save`` of ``{name: obj.state_dict()}`` atomically, on the main process only."""
+def save_checkpoint(path: str | os.PathLike, save_dict: Mapping, keep_previous: str | os.PathLike | None = None) -> Path | None:
+    """``torch.save`` of ``{name: obj.state_dict()}`` atomically, on the main process only.
+
+    Args:
+        path: the checkpoint file.
+        save_dict: ``{name: object with state_dict()}``.
+        keep_previous: where the checkpoint being replaced is kept (a hard link, else a copy,
+            itself put in place atomically); at every moment of a save, ``path`` or
+            ``keep_previous`` holds a complete checkpoint.
+    """
     if not is_main_process():
         return None
     tmp, final = atomic_path(path)
     try:
         torch.save({name: _state_dict(obj) for name, obj in save_dict.items()}, tmp)
+        if keep_previous is not None and final.exists():
+            _keep_copy(final, Path(keep_previous))
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
     return final
+
+
+def _keep_copy(source: Path, target: Path) -> None:
+    """``target`` becomes a copy of ``source`` (hard link where the file system allows), atomically."""
+    tmp, final = atomic_path(target)
+    try:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class ResumableCheckpoint:
@@ -57,6 +82,13 @@ class ResumableCheckpoint:
 
     Attach to the trainer. ``save_dict`` holds what to save and restore (network, optimizer,
     lr scheduler, the trainer itself so the epoch count resumes, an EMA teacher...).
+
+    A run killed at any moment resumes from the last completed save, losing at most
+    ``save_interval`` epochs: each save is written under a temporary name and renamed, and the
+    checkpoint it replaces is kept as ``<name>.prev.pt`` (:attr:`previous`), so one of the two is
+    always complete. A last checkpoint that is unreadable (truncated by a full disk or a copy,
+    say) falls back to the previous one with a warning; if neither loads, the run stops with
+    both files named rather than silently training from scratch.
 
     Args:
         save_dir: folder of ``filename``.
@@ -77,10 +109,12 @@ class ResumableCheckpoint:
         map_location=None,
     ):
         self.path = Path(save_dir) / filename
+        self.previous = self.path.with_name(f"{Path(filename).stem}.prev{Path(filename).suffix or '.pt'}")
         self.save_dict = dict(save_dict)
         self.save_interval = int(save_interval)
         self.resume = bool(resume)
         self.map_location = map_location
+        self._saved_at: int | None = None  # iteration of the last save
 
     def attach(self, engine: Engine) -> None:
         if self.resume:
@@ -89,10 +123,36 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self.save)
 
     def load(self, engine: Engine) -> None:
+        """Restore :attr:`path` into ``save_dict``, or :attr:`previous` when :attr:`path` is unreadable.
+
+        No :attr:`path` means a fresh start (deleting it is how a user starts over), so a
+        :attr:`previous` left beside nothing is removed rather than resumed.
+        """
         if not self.path.exists():
+            if self.previous.exists():
+                logger.info(f"{self.path} is absent: training from scratch; removed the stale {self.previous.name}")
+                self.previous.unlink(missing_ok=True)
             return
-        CheckpointLoader(str(self.path), self.save_dict, map_location=self.map_location, strict=True)(engine)
-        logger.info(f"resumed from {self.path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        problems = []
+        for candidate in (self.path, self.previous):
+            if not candidate.exists():
+                continue
+            try:  # a truncated or garbled file fails here, before any object is touched
+                torch.load(candidate, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
+                problems.append(f"{candidate}: {type(err).__name__}: {' '.join(str(err).split())[:200]}")
+                logger.warning(f"unreadable checkpoint {problems[-1]}")
+                continue
+            if candidate != self.path:
+                logger.warning(
+                    f"{self.path} is unreadable: resuming from the previous checkpoint {candidate} "
+                    f"(up to {self.save_interval} more epoch(s) are trained again)"
+                )
+            CheckpointLoader(str(candidate), self.save_dict, map_location=self.map_location, strict=True)(engine)
+            break
+        else:
+            raise RuntimeError(f"no readable checkpoint to resume from ({'; '.join(problems)}); delete them to train from scratch")
+        logger.info(f"resumed from {candidate} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
         if engine.state.max_epochs is not None and engine.state.epoch >= engine.state.max_epochs:
             # a finished run resumes into nothing: say so rather than end silently
             logger.warning(
@@ -101,7 +161,10 @@ class ResumableCheckpoint:
             )
 
     def save(self, engine: Engine) -> None:
-        save_checkpoint(self.path, self.save_dict)
+        if self._saved_at == engine.state.iteration:
+            return  # the last epoch, saved at EPOCH_COMPLETED, again at COMPLETED: nothing new
+        save_checkpoint(self.path, self.save_dict, keep_previous=self.previous)
+        self._saved_at = engine.state.iteration
 
 
 class ValidationHandler(_MonaiValidationHandler):
