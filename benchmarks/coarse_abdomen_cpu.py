@@ -43,6 +43,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
+from stmt_monai.bundle import config_files
 from stmt_monai.evaluation.metrics import dice
 from stmt_monai.io import load_label  # noqa: E402
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR  # noqa: E402
@@ -55,9 +56,10 @@ REAL_CT = REPO / "stmt_monai" / "example_data" / "abdomen_ct_3mm.nii.gz"
 REAL_ORGANS = REPO / "stmt_monai" / "example_data" / "abdomen_ct_3mm_organs.nii.gz"
 
 
-def bundle_command(configs: list[str], **overrides) -> list[str]:
-    """The bundle README's ``python -m monai.bundle run`` command plus ``--key value`` overrides."""
-    files = ",".join(f"'{BUNDLE}/configs/{c}.json'" for c in configs)
+def bundle_command(workflow: str, **overrides) -> list[str]:
+    """The bundle README's ``python -m monai.bundle run`` command plus ``--key value`` overrides
+    (configs layered by :func:`stmt_monai.bundle.config_files`; outputs under ``bundle_root``)."""
+    files = ",".join(f"'{f}'" for f in config_files(REPO / BUNDLE, workflow))
     args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{files}]",
             "--meta_file", f"{BUNDLE}/configs/metadata.json", "--logging_file", f"{BUNDLE}/configs/logging.conf"]
     for key, value in overrides.items():
@@ -139,7 +141,7 @@ def main(
 
     print("bundle", flush=True)
     load_before = os.getloadavg()[0]
-    log, train_cpu_s = run(bundle_command(["common", "train"], bundle_root=bundle_root, prepared_dir=prepared, pseudo_datalist=pseudo,
+    log, train_cpu_s = run(bundle_command("train", bundle_root=bundle_root, prepared_dir=prepared, pseudo_datalist=pseudo,
                              max_epochs=max_epochs, val_interval=val_interval, **sizes), out / "train.log")
     load_after = os.getloadavg()[0]
     epoch_s = [60 * int(m) + float(s) for m, s in re.findall(r"SelfTrainingTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: 00:(\d+):([\d.]+)", log)]
@@ -151,7 +153,7 @@ def main(
     dsc = {}
     for split in ("validation", "test"):
         eval_dir = out / f"eval_{split}"
-        run(bundle_command(["common", "train", "evaluate"], bundle_root=bundle_root, prepared_dir=prepared,
+        run(bundle_command("evaluate", bundle_root=bundle_root, prepared_dir=prepared,
                            validation_key=split, output_dir=eval_dir, **sizes), out / f"evaluate_{split}.log")
         rows = (eval_dir / "val_mean_dice_raw.csv").read_text().strip().splitlines()[1:]
         dsc[split] = [float(r.split(",")[1]) for r in rows]
@@ -166,7 +168,7 @@ def main(
         truth[name] = cohort / "test" / "labels" / f"{name}.nii.gz"
     infer_dir = out / "inference"
     start = time.perf_counter()
-    _, inference_cpu_s = run(bundle_command(["common", "inference"], bundle_root=bundle_root, input_dir=inputs, output_dir=infer_dir, **sizes),
+    _, inference_cpu_s = run(bundle_command("inference", bundle_root=bundle_root, input_dir=inputs, output_dir=infer_dir, **sizes),
         out / "inference.log")
     inference_s = time.perf_counter() - start
     cover = {name: coverage(path, infer_dir / f"{name}_roi.json") for name, path in truth.items()}

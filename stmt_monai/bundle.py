@@ -33,6 +33,11 @@ METADATA, LOGGING = "metadata.json", "logging.conf"
 DEMO_CONFIG = "demo.json"
 #: the file ``torchrun`` layers on top of a training workflow for several processes
 MULTI_GPU_PREFIX = "multi_gpu_"
+#: workflows whose config is layered over another one's, as the MONAI model zoo layers them
+#: (``evaluate.json`` over ``train.json``); every other workflow's config stands alone
+LAYERED_OVER = {"evaluate": "train"}
+#: config files that are not a workflow of their own
+NOT_WORKFLOWS = ("metadata", "demo")
 
 
 #: suffix of a weights file's record: ``model.pt`` -> ``model.json``
@@ -95,8 +100,19 @@ def configs_dir(bundle_root: str | os.PathLike) -> Path:
     return Path(bundle_root).resolve() / "configs"
 
 
+def workflows(bundle_root: str | os.PathLike) -> list[str]:
+    """The workflows a bundle has (its config names less metadata, demo and multi-GPU layers)."""
+    names = (p.stem for p in configs_dir(bundle_root).glob("*.json"))
+    return sorted(n for n in names if n not in NOT_WORKFLOWS and not n.startswith(MULTI_GPU_PREFIX))
+
+
 def config_files(bundle_root: str | os.PathLike, workflow: str = "inference", demo: bool = False, multi_gpu: bool = False) -> list[Path]:
     """The config files, in layering order, of a bundle's workflow.
+
+    The model zoo's layering: ``inference.json``, ``train.json`` (and the organ bundle's
+    ``train_teacher.json``, ``pseudo_label.json``) stand alone, which is how MONAI Label's stock
+    bundle tasks and the zoo's checks read them; ``evaluate.json`` goes over ``train.json``
+    (:data:`LAYERED_OVER`); ``multi_gpu_<workflow>.json`` over the workflow for ``torchrun``.
 
     Args:
         bundle_root: the bundle folder.
@@ -111,10 +127,10 @@ def config_files(bundle_root: str | os.PathLike, workflow: str = "inference", de
     configs = configs_dir(bundle_root)
     own = configs / f"{workflow}.json"
     if not own.is_file():
-        have = sorted(p.stem for p in configs.glob("*.json") if p.stem not in ("metadata", "common", "demo") and not p.stem.startswith(MULTI_GPU_PREFIX))
-        raise FileNotFoundError(f"{own}: bundle {Path(bundle_root).name} has no workflow {workflow!r} (it has: {', '.join(have)})")
-    files = [configs / "common.json"] if (configs / "common.json").is_file() else []
-    files.append(own)
+        raise FileNotFoundError(f"{own}: bundle {Path(bundle_root).name} has no workflow {workflow!r} (it has: {', '.join(workflows(bundle_root))})")
+    files = [own]
+    if workflow in LAYERED_OVER:
+        files = config_files(bundle_root, LAYERED_OVER[workflow]) + files
     if multi_gpu:
         extra = configs / f"{MULTI_GPU_PREFIX}{workflow}.json"
         if not extra.is_file():

@@ -108,13 +108,13 @@ def test_readme_has_every_command():
 def test_metadata_matches_config():
     """(verify_metadata and channel_def against stmt_monai/labels.py: tests/test_conformance.py)"""
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    common = json.loads((CONFIGS / "common.json").read_text())
+    config = json.loads((CONFIGS / "inference.json").read_text())
     pred = meta["network_data_format"]["outputs"]["pred"]
     image = meta["network_data_format"]["inputs"]["image"]
     assert {int(k): v for k, v in pred["channel_def"].items()} == dict(ABDOMEN_CHANNELS)
-    assert pred["num_channels"] == common["out_channels"] == len(ABDOMEN_CHANNELS)
-    assert image["num_channels"] == common["in_channels"] == 1
-    assert image["spatial_shape"] == pred["spatial_shape"] == common["spatial_size"] == [128, 128, 128]
+    assert pred["num_channels"] == config["out_channels"] == len(ABDOMEN_CHANNELS)
+    assert image["num_channels"] == config["in_channels"] == 1
+    assert image["spatial_shape"] == pred["spatial_shape"] == config["spatial_size"] == [128, 128, 128]
     assert meta["version"] in meta["changelog"]
 
 
@@ -147,7 +147,7 @@ def test_train_datalist_streams_and_running_without_pseudo_labels(cohort, tmp_pa
 
     def datalist(**overrides):
         parser = ConfigParser()
-        parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "train.json")])
+        parser.read_config(str(CONFIGS / "train.json"))
         parser.update({"bundle_root": str(tmp_path), "prepared_dir": str(cohort["prepared"]), **overrides})
         return parser.get_parsed_content("train#datalist")
 

@@ -85,12 +85,13 @@ def test_readme_has_every_command():
 def test_metadata_matches_labels_and_config():
     """(verify_metadata and verify_net_in_out: tests/test_conformance.py)"""
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    common = json.loads((CONFIGS / "common.json").read_text())
+    common = json.loads((CONFIGS / "train.json").read_text())
+    teacher = json.loads((CONFIGS / "train_teacher.json").read_text())
     assert meta["version"] in meta["changelog"]
-    for name, size in (("network_data_format", common["spatial_size"]), ("teacher_data_format", list(teacher_roi_size(common["teacher_kind"])))):
+    for name, size in (("network_data_format", common["spatial_size"]), ("teacher_data_format", list(teacher_roi_size(teacher["teacher_kind"])))):
         image, pred = meta[name]["inputs"]["image"], meta[name]["outputs"]["pred"]
         assert {int(k): v for k, v in pred["channel_def"].items()} == dict(ORGAN_CHANNELS)
-        assert pred["num_channels"] == common["out_channels"] == len(ORGAN_CHANNELS) == 14
+        assert pred["num_channels"] == common["out_channels"] == teacher["out_channels"] == len(ORGAN_CHANNELS) == 14
         assert image["num_channels"] == common["in_channels"] == 1
         assert image["spatial_shape"] == pred["spatial_shape"] == size
     assert common["spatial_size"] == [192, 192, 192] and common["base_channels"] == 16 and common["num_downsamplings"] == 5

@@ -152,7 +152,7 @@ def test_each_kind_of_loss_is_weighted_as_specified():
 
 def test_bundle_loss_takes_lambdas_from_named_keys():
     parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "common.json"), str(CONFIGS / "train.json")])
+    parser.read_config(str(CONFIGS / "train.json"))
     loss = parser.get_parsed_content("loss")
     assert loss.weights == dict(ORGAN_STREAM_WEIGHTS) == {LABELLED: 1.0, CPL: 1.0, PL: 0.5}
     parser["lambda1"], parser["lambda2"] = 0.7, 0.25

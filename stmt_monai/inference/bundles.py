@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from stmt_monai.bundle import config_files
 from stmt_monai.io import atomic_path
 from stmt_monai.preprocessing.fingerprint import Fingerprint
 
@@ -46,16 +47,17 @@ def default_bundles_dir() -> Path:
 def bundle_config(bundle_root: str | os.PathLike, weights: str = "auto"):
     """Read a stage bundle's inference configuration.
 
-    Layers ``configs/common.json``, ``configs/inference.json`` (if present) and, for the demo
-    weights, ``configs/demo.json``; ``bundle_root`` is set to the absolute path so the bundle's
-    relative ids (``ckpt_dir``, ``fingerprint``) resolve from any working directory.
+    Reads ``configs/inference.json`` (standalone, as MONAI tools read it) and, for the demo
+    weights, ``configs/demo.json`` on top (:func:`stmt_monai.bundle.config_files`); ``bundle_root``
+    is set to the absolute path so the bundle's relative ids (``ckpt_dir``, ``fingerprint``)
+    resolve from any working directory.
 
     Which weights (``weights``):
 
     - ``"trained"``: the bundle's own ``models/model.pt`` (``model_path`` id if defined, else
-      ``ckpt_dir``/model.pt), network as ``common.json`` defines it (the paper's sizes);
+      ``ckpt_dir``/model.pt), network as ``inference.json`` defines it (the paper's sizes);
     - ``"demo"``: ``configs/demo.json`` layered on top; it redefines the network's size keys
-      (``base_channels``, ``num_downsamplings``, ``network_def#max_channels``, ``spatial_size``)
+      (``base_channels``, ``num_downsamplings``, ``max_channels``, ``spatial_size``)
       and ``ckpt_dir`` (``models/demo``), exactly as ``stmt-train-demo`` trained them;
     - ``"auto"``: ``"trained"`` if the trained weights file exists, else ``"demo"`` if the bundle
       has ``configs/demo.json``, else ``"trained"`` (whose missing file is then reported).
@@ -69,14 +71,13 @@ def bundle_config(bundle_root: str | os.PathLike, weights: str = "auto"):
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     root = Path(bundle_root).resolve()
     configs = root / "configs"
-    if not (configs / "common.json").is_file():
-        raise FileNotFoundError(f"{root}: not a stage bundle (no configs/common.json)")
-    files = [configs / "common.json"] + ([configs / "inference.json"] if (configs / "inference.json").is_file() else [])
+    if not (configs / "inference.json").is_file():
+        raise FileNotFoundError(f"{root}: not a stage bundle (no configs/inference.json)")
     demo_file = configs / DEMO_CONFIG
 
     def parse(extra: list[Path]):
         parser = ConfigParser()
-        parser.read_config([str(f) for f in files + extra])
+        parser.read_config([str(f) for f in config_files(root, "inference")] + [str(f) for f in extra])
         parser["bundle_root"] = str(root)
         return parser
 
@@ -120,7 +121,7 @@ def write_demo_config(bundle_root: str | os.PathLike, settings: Mapping) -> Path
     """Write a bundle's ``configs/demo.json``: the overrides of its demo network.
 
     ``settings`` holds bundle ids (``base_channels``, ``num_downsamplings``, ``spatial_size``,
-    ``network_def#max_channels``, ...); ``ckpt_dir`` is set to ``models/demo`` so the demo
+    ``max_channels``, ...); ``ckpt_dir`` is set to ``models/demo`` so the demo
     weights and fingerprint never mix with trained ones in ``models/``. Training with this file
     layered (``stmt-train-demo``) and :func:`bundle_config` (``weights="demo"``) then build
     the same network.

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stmt_monai.bundle import config_files as bundle_config_files
 from stmt_monai.inference.backends import exported_path, save_ir_atomic
 from stmt_monai.inference.bundles import (
-    DEMO_CONFIG,
     STAGE_BUNDLES,
     bundle_config,
     load_weights,
@@ -51,10 +51,9 @@ ONNX_INPUT, ONNX_OUTPUT = "image", "pred"
 
 
 def config_files(bundle_root: str | os.PathLike, kind: str) -> list[str]:
-    """The config files :func:`stmt_monai.inference.bundles.bundle_config` layers for weights ``kind``."""
-    configs = Path(bundle_root).resolve() / "configs"
-    files = [configs / "common.json", configs / "inference.json"] + ([configs / DEMO_CONFIG] if kind == "demo" else [])
-    return [str(f) for f in files if f.is_file()]
+    """The config files :func:`stmt_monai.inference.bundles.bundle_config` reads for weights ``kind``
+    (:func:`stmt_monai.bundle.config_files` of the inference workflow)."""
+    return [str(f) for f in bundle_config_files(bundle_root, "inference", demo=kind == "demo")]
 
 
 def bundle_network(bundle_root: str | os.PathLike, weights: str = "auto"):

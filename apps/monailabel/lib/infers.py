@@ -29,6 +29,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
+from stmt_monai.bundle import config_files
 from stmt_monai.inference.bundles import bundle_config, weights_path
 from stmt_monai.inference.cascade import Cascade
 from stmt_monai.io import save_label_map
@@ -84,9 +85,9 @@ class CascadeInferTask(InferTask):
             self.cascade("cpu")
 
     def parser(self, device: str | None = None) -> ConfigParser:
-        """The bundle's ``configs/common.json`` with ``bundle_root`` absolute and the overrides."""
+        """The bundle's ``configs/inference.json`` with ``bundle_root`` absolute and the overrides."""
         parser = ConfigParser()
-        parser.read_config(str(self.bundle_path / "configs" / "common.json"))
+        parser.read_config([str(f) for f in config_files(self.bundle_path, "inference")])
         parser["bundle_root"] = str(self.bundle_path)
         for key, value in self.overrides.items():
             parser[key] = value
@@ -178,9 +179,8 @@ class _StageConstants(BundleConstants):
 class StageBundleInferTask(BundleInferTask):
     """One stage bundle served by MONAI Label's bundle inference.
 
-    The bundle's configs are layered as ``stmt_monai`` reads them (``common.json``,
-    ``inference.json``, and ``demo.json`` for the demo weights), where MONAI Label reads
-    ``inference.json`` alone. The bundle's own writer (``SaveLabelMapd``) is dropped and the
+    The bundle's configs are read as ``stmt_monai`` reads them (``inference.json``, and
+    ``demo.json`` on top for the demo weights), where MONAI Label reads ``inference.json`` alone. The bundle's own writer (``SaveLabelMapd``) is dropped and the
     label map goes back to the client instead, on the input's grid with its affine; its values
     are FLARE labels (the tumor bundle writes 14), listed by :attr:`labels`.
 

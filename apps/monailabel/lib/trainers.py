@@ -3,7 +3,7 @@
 MONAI Label's :class:`BundleTrainTask` runs the bundle's ``run`` with the datastore's labelled
 images. What this subclass changes for the stage bundles:
 
-- configs layered as the bundles are (``common.json`` + ``train.json``, and ``demo.json`` when the
+- configs read as the bundles' are (``train.json``, and ``demo.json`` on top when the
   app serves the demo weights, so that training continues the network being served and writes
   the weights file the inference task reads);
 - the datastore's cases replace ``train#datalist`` / ``validate#datalist``, where MONAI Label
@@ -30,7 +30,8 @@ import monai.bundle
 from monai.bundle import ConfigParser
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
-from stmt_monai.inference.bundles import DEMO_CONFIG, bundle_config, weights_path
+from stmt_monai.bundle import config_files
+from stmt_monai.inference.bundles import bundle_config, weights_path
 from stmt_monai.preprocessing.transforms import STREAM
 from stmt_monai.training.losses import LABELLED
 
@@ -58,10 +59,7 @@ class StageBundleTrainTask(BundleTrainTask):
     def __init__(self, path: str | os.PathLike, conf: dict[str, str], weights: str = "auto"):
         root = Path(path).resolve()
         inference, kind = bundle_config(root, weights)
-        configs = root / "configs"
-        self.config_files = [str(configs / "common.json"), str(configs / "train.json")]
-        if kind == "demo":
-            self.config_files.append(str(configs / DEMO_CONFIG))
+        self.config_files = [str(f) for f in config_files(root, "train", demo=kind == "demo")]
         self.weights_file = weights_path(inference)
         key = inference.get("inference_network") or "model"
         super().__init__(str(root), conf, const=_StageTrainConstants(), model_dict_key=key, load_strict=True)
