@@ -1,84 +1,124 @@
-"""benchmarks/ablation.py: the settings differ only by their method, and a tiny setting runs end to end."""
+"""The ablation trains every row through the bundles' own workflows, with its listed overrides.
+
+A CI-sized smoke run (tiny cohort, tiny networks, one epoch) of
+:func:`stmt_monai.evaluation.ablation.run_ablation`; the statistics are checked on made-up figures.
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import time
-from pathlib import Path
+import math
+import shlex
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+from stmt_monai.evaluation import ablation
+from stmt_monai.evaluation.ablation import (
+    ORGAN_ROWS,
+    ROW_NAMES,
+    TUMOR_ROWS,
+    AblationSettings,
+    paired_difference,
+    row_overrides,
+    run_ablation,
+)
 
-
-@pytest.fixture(scope="module")
-def ablation():
-    spec = importlib.util.spec_from_file_location("ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablation"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("ablation", None)
-
-
-def test_settings_of_a_stage_differ_only_by_the_method(ablation):
-    settings = ablation.student_settings(ablation.Params(), seed=3)
-    for stage, methods in (("organ", ablation.ORGAN_METHODS), ("tumor", ablation.TUMOR_METHODS)):
-        shared = [
-            {k: v for k, v in settings[name].items() if k not in ablation.METHOD_KEYS} for name in methods
-        ]
-        assert all(s == shared[0] for s in shared), stage
-        assert shared[0]["stage"] == stage and shared[0]["seed"] == 3
-        # ... and each method is a different one
-        method_parts = [json.dumps({k: settings[name].get(k) for k in ablation.METHOD_KEYS}, sort_keys=True) for name in methods]
-        assert len(set(method_parts)) == len(methods)
-    # the paper's methods: FSO / nnU-Net supervised on one stream, self-training adds CPL then PL;
-    # FST is the mean-teacher trainer with lambda 0, the mean teacher lambda 1 scored by its EMA teacher
-    assert settings["fso"]["streams"] == settings["organ_nnunet"]["streams"] == ["labelled"]
-    assert settings["st_partial"]["streams"] == ["labelled", "cpl"]
-    assert settings["st_partial_unlabelled"]["streams"] == ["labelled", "cpl", "pl"]
-    assert settings["fst"]["lambda_cpl"] == 0.0 and settings["mean_teacher"]["lambda_cpl"] == 1.0
-    assert settings["mean_teacher"]["network"] == "teacher" and settings["fst"]["network"] == "student"
-    # every table row is built from settings that exist, StMt from the two semi-supervised ones
-    for organ, tumor in ablation.ROWS.values():
-        assert organ in (None, *ablation.ORGAN_METHODS) and tumor in (None, *ablation.TUMOR_METHODS)
-    assert ablation.ROWS["StMt"] == ("st_partial_unlabelled", "mean_teacher")
-
-
-TINY = dict(
-    num_labelled=6,
-    num_unlabelled=0,
-    num_test=1,
-    cohort_size=32,
-    fully_share=0.34,
-    spatial_size=16,
+TINY = AblationSettings(
+    spatial_size=(16, 16, 16),
     base_channels=4,
     num_downsamplings=2,
-    epochs=1,
-    iterations=1,
-    num_workers=0,
+    max_channels=16,
+    organ_epochs=1,
+    batches_per_epoch=1,
+    tumor_epochs=1,
+    val_interval=1,
+    teacher_base_channels=4,
+    teacher_num_downsamplings=2,
+    teacher_roi_size=(16, 16, 16),
+    teacher_spacing_mm=(12.0, 12.0, 12.0),
+    teacher_epochs=1,
+    teacher_batch_size=1,
+    teacher_num_patches=1,
+    parallel=2,
 )
 
 
+def _command(log_text: str, workflow: str) -> list[str]:
+    """The first ``monai.bundle run`` command of ``workflow`` echoed in a run's log."""
+    for line in log_text.splitlines():
+        if line.startswith("$ ") and "monai.bundle" in line and f"/configs/{workflow}.json" in line:
+            return shlex.split(line[2:])
+    raise AssertionError(f"no {workflow} command in the log")
+
+
+def _override(args: list[str], key: str):
+    return args[args.index(f"--{key}") + 1] if f"--{key}" in args else None
+
+
 @pytest.mark.slow
-def test_one_tiny_setting_runs_end_to_end_and_resumes(ablation, tmp_path):
-    start = time.perf_counter()
-    results = ablation.run(work_dir=str(tmp_path), seeds=1, settings="fso", output=str(tmp_path / "table.md"), **TINY)
-    assert time.perf_counter() - start < 30
-    row = results["rows"]["0"]["FSO"]
-    assert 0.0 <= row["organ_dsc"] <= 1.0 and 0.0 <= row["organ_nsd"] <= 1.0
-    assert row["tumor_dsc"] is None  # an organ-only row scores organs only
-    assert set(results["rows"]["0"]) == {"FSO"}
-    record = json.loads((tmp_path / "seed0" / "fso" / "result.json").read_text())
-    assert record["setting"]["streams"] == ["labelled"] and record["num_training_cases"] >= 1
-    assert len(list((tmp_path / "seed0" / "fso" / "pred_student").glob("*.nii.gz"))) == 1
-    table = (tmp_path / "table.md").read_text()
-    assert "| FSO |" in table and "87.86 / 94.27" in table
-    # a rerun with the same settings reuses the trained student
-    weights = tmp_path / "seed0" / "fso" / "student.pt"
-    mtime = weights.stat().st_mtime_ns
-    again = ablation.run(work_dir=str(tmp_path), seeds=1, settings="fso", **TINY)
-    assert weights.stat().st_mtime_ns == mtime
-    assert again["rows"]["0"]["FSO"]["organ_dsc"] == pytest.approx(row["organ_dsc"])
+def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_cohort, tmp_path):
+    work = tmp_path / "ablation"
+    results = run_ablation(small_cohort, work, seeds=(0,), settings=TINY)
+    seed_dir = work / "seed0"
+    # the teacher and its pseudo labels: organ_selftrain's own train_teacher and pseudo_label
+    teacher_log = (seed_dir / "teacher" / "teacher.log").read_text()
+    assert "organ_selftrain/configs/train_teacher.json" in teacher_log
+    assert (seed_dir / "pseudo_labels" / "datalist_pseudo_labelled.json").is_file()
+    for row in ROW_NAMES:
+        log = (seed_dir / row / f"{row}.log").read_text()
+        bundle = "organ_selftrain" if row in ORGAN_ROWS else "tumor_meanteacher"
+        train = _command(log, "train")
+        assert f"bundles/{bundle}/configs/train.json" in " ".join(train)
+        for key, value in row_overrides(row).items():  # the row's listed overrides, as given
+            given = _override(train, key)
+            assert given is not None, (row, key)
+            if isinstance(value, str):
+                assert given.endswith(value.split("}")[-1]), (row, key, given)
+            else:
+                assert json.loads(given.replace("'", '"').replace("True", "true").replace("False", "false").replace("None", "null")) == value, (row, key)
+        # and nothing else distinguishes the rows of a stage but those keys and their own folders
+        assert _override(train, "max_epochs") == str(TINY.organ_epochs if row in ORGAN_ROWS else TINY.tumor_epochs)
+        assert _override(train, "spatial_size") == "[16,16,16]"
+        inference = _command(log, "inference")  # scored by the bundle's own inference workflow
+        assert f"bundles/{bundle}/configs/inference.json" in " ".join(inference)
+        assert (seed_dir / row / "models" / "model.pt").is_file()
+        scores = results["rows"][row]["0"] if "0" in results["rows"][row] else results["rows"][row][0]
+        key = "organ_dsc" if row in ORGAN_ROWS else "tumor_dsc"
+        assert 0.0 <= scores[key] <= 100.0
+    assert set(results["rows"]) == set(ROW_NAMES)
+    assert set(results["lesions"]) == set(TUMOR_ROWS)
+    # a second call resumes: nothing is trained again
+    before = {row: (seed_dir / row / "done.json").stat().st_mtime for row in ROW_NAMES}
+    run_ablation(small_cohort, work, seeds=(0,), settings=TINY)
+    assert before == {row: (seed_dir / row / "done.json").stat().st_mtime for row in ROW_NAMES}
+    assert json.loads((work / "results.json").read_text())["rows"].keys() == results["rows"].keys()
+
+
+def test_paired_difference_gives_the_t_interval_of_the_mean():
+    rows = {
+        "a": {0: {"m": 80.0}, 1: {"m": 82.0}, 2: {"m": 81.0}},
+        "b": {0: {"m": 77.0}, 1: {"m": 78.0}, 2: {"m": 79.0}},
+    }
+    diff = paired_difference(rows, "a", "b", "m")
+    assert diff["per_seed"] == [3.0, 4.0, 2.0] and diff["n"] == 3
+    assert diff["mean"] == pytest.approx(3.0) and diff["sd"] == pytest.approx(1.0)
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert diff["ci95"] == pytest.approx((3.0 - half, 3.0 + half))
+    assert paired_difference(rows, "a", "missing", "m") is None
+
+
+def test_rows_differ_only_by_their_listed_keys(tmp_path):
+    paths = ablation.AblationPaths(tmp_path / "cohort", tmp_path / "work")
+    steps = {s.name: s for s in ablation.seed_steps(paths, AblationSettings(), 0)}
+    for rows in (ORGAN_ROWS, TUMOR_ROWS):
+        shared = []
+        for row in rows:
+            own = set(row_overrides(row))
+            shared.append({k: v for k, v in steps[row].overrides.items() if k not in own and k not in ("ckpt_dir", "log_dir")})
+        assert all(s == shared[0] for s in shared), rows
+    # the paper's rows: FSO on the labelled stream, self-training adds CPL then PL; FST is lambda 0
+    assert steps["fso"].overrides["streams"] == ["labelled"]
+    assert steps["st_partial"].overrides["streams"] == ["labelled", "cpl"]
+    assert "streams" not in steps["st_partial_unlabelled"].overrides  # the bundle's default: all three
+    assert steps["fst"].overrides["lambda_cpl"] == 0.0 and "lambda_cpl" not in steps["mean_teacher"].overrides
+    assert steps["st_partial"].needs == ("pseudo_labels",) and steps["fso"].needs == ()
