@@ -16,10 +16,11 @@ Steps, each with the project's own entry points:
    the cohort's hidden truth standing in for the teacher ("oracle teacher": organs of the truth,
    corrected with the partial annotation exactly as ``correct_pseudo_label`` does). The real
    teacher is organ_selftrain's; this isolates stage 1 from the teacher's quality;
-3. the bundle's README commands (``python -m monai.bundle run``): train at reduced size, evaluate
-   ``models/model.pt`` on the validation cases (Dice at the input's resolution) and on the held-out
-   test cases, inference on the test cases and the real CT;
-4. ROI coverage: share of each case's organ (1..13) and tumor (14) voxels inside ``<case>_roi.json``.
+3. the bundle's workflows as its README runs them (:func:`stmt_monai.bundle.run_workflow`): train at
+   reduced size, evaluate ``models/model.pt`` on the validation cases (Dice at the input's
+   resolution) and on the held-out test cases, inference on the test cases and the real CT;
+4. ROI coverage (:func:`stmt_monai.preprocessing.roi.roi_report`): share of each case's organ
+   (1..13) and tumor (14) voxels inside ``<case>_roi.json``, and the box's share of the volume.
 
 The real CT is the cohort's source (every generated case is a deformation of it), so its figures
 show the full-size, real-intensity path, not generalisation to a new patient.
@@ -33,74 +34,38 @@ import os
 import re
 import resource
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import fire
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
-from stmt_monai.bundle import config_files
+from stmt_monai.bundle import epoch_seconds, run_workflow
 from stmt_monai.evaluation.metrics import dice
-from stmt_monai.io import load_label  # noqa: E402
-from stmt_monai.labels import ORGAN_CLASSES, TUMOR  # noqa: E402
-from stmt_monai.preprocessing.geometry import to_canonical
-from stmt_monai.preprocessing.roi import abdomen_roi, roi_coverage
+from stmt_monai.inference.bundles import default_bundles_dir
+from stmt_monai.io import load_label
+from stmt_monai.preprocessing.roi import roi_report
 from stmt_monai.synthetic.oracle import oracle_pseudo_labels
 
-BUNDLE = "bundles/coarse_abdomen"
-REAL_CT = REPO / "stmt_monai" / "example_data" / "abdomen_ct_3mm.nii.gz"
-REAL_ORGANS = REPO / "stmt_monai" / "example_data" / "abdomen_ct_3mm_organs.nii.gz"
+BUNDLE = default_bundles_dir() / "coarse_abdomen"
+EXAMPLE = Path(__file__).resolve().parents[1] / "stmt_monai" / "example_data"
+REAL_CT, REAL_ORGANS = EXAMPLE / "abdomen_ct_3mm.nii.gz", EXAMPLE / "abdomen_ct_3mm_organs.nii.gz"
 
 
-def bundle_command(workflow: str, **overrides) -> list[str]:
-    """The bundle README's ``python -m monai.bundle run`` command plus ``--key value`` overrides
-    (configs layered by :func:`stmt_monai.bundle.config_files`; outputs under ``bundle_root``)."""
-    files = ",".join(f"'{f}'" for f in config_files(REPO / BUNDLE, workflow))
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{files}]",
-            "--meta_file", f"{BUNDLE}/configs/metadata.json", "--logging_file", f"{BUNDLE}/configs/logging.conf"]
-    for key, value in overrides.items():
-        args += [f"--{key}", str(value)]
-    return args
-
-
-def run(args: list[str], log_path: Path) -> tuple[str, float]:
-    """Run a command from the repository root, its output streamed into ``log_path``.
+def run(workflow: str, overrides: dict, log_path: Path) -> tuple[str, float]:
+    """Run the bundle's ``workflow`` (:func:`stmt_monai.bundle.run_workflow`), its output in ``log_path``.
 
     Returns:
         ``(output, cpu_seconds)``: the output, and the CPU time (user + system, all cores) the
-        command used, which depends far less than wall time on what else the machine runs.
+        workflow used, which depends far less than wall time on what else the machine runs.
     """
-    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    with open(log_path, "w") as log_file:
-        returncode = subprocess.run(args, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT).returncode
+    log_path.unlink(missing_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds = run_workflow(BUNDLE, workflow, overrides, log_file=log_path)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_s = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    log = log_path.read_text()
-    if returncode:
-        raise SystemExit(f"failed ({log_path}):\n{log[-3000:]}")
-    print(f"  {log_path.name}: {time.perf_counter() - start:.0f} s wall, {cpu_s:.0f} s CPU", flush=True)
-    return log, cpu_s
-
-
-def coverage(labels_path: Path, roi_path: Path) -> dict:
-    """Share of the case's organ and tumor voxels inside its ROI; the ROI's share of the volume,
-    and that of the ideal ROI (the truth's box with the same margin) for comparison."""
-    labels, affine = load_label(labels_path)
-    roi = json.loads(roi_path.read_text())
-    box = roi["start_voxel"], roi["end_voxel"]
-    canonical, canonical_affine, _ = to_canonical(labels, affine)
-    spacing = np.sqrt((canonical_affine[:3, :3] ** 2).sum(0))
-    ideal = abdomen_roi(canonical > 0, spacing, roi["margin_mm"])
-    return {
-        "organs": roi_coverage(labels, affine, *box, classes=ORGAN_CLASSES),
-        "tumor": roi_coverage(labels, affine, *box, classes=[TUMOR]) if (labels == TUMOR).any() else None,
-        "roi_share_of_volume": float(np.prod(np.subtract(box[1], box[0])) / labels.size),
-        "truth_roi_share_of_volume": float(np.prod(np.subtract(ideal[1], ideal[0])) / labels.size),
-    }
+    print(f"  {log_path.name}: {seconds:.0f} s wall, {cpu_s:.0f} s CPU", flush=True)
+    return log_path.read_text(), cpu_s
 
 
 def main(
@@ -141,11 +106,10 @@ def main(
 
     print("bundle", flush=True)
     load_before = os.getloadavg()[0]
-    log, train_cpu_s = run(bundle_command("train", bundle_root=bundle_root, prepared_dir=prepared, pseudo_datalist=pseudo,
+    log, train_cpu_s = run("train", dict(bundle_root=bundle_root, prepared_dir=prepared, pseudo_datalist=pseudo,
                              max_epochs=max_epochs, val_interval=val_interval, **sizes), out / "train.log")
     load_after = os.getloadavg()[0]
-    epoch_s = [60 * int(m) + float(s) for m, s in re.findall(r"SelfTrainingTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: 00:(\d+):([\d.]+)", log)]
-    validation_s = [60 * int(m) + float(s) for m, s in re.findall(r"SupervisedEvaluator - INFO - Epoch\[\d+\] Complete\. Time taken: 00:(\d+):([\d.]+)", log)]
+    epoch_s, validation_s = epoch_seconds(log, "SelfTrainingTrainer"), epoch_seconds(log, "Evaluator")
     val_dice = [float(v) for v in re.findall(r"Metrics -- val_mean_dice: ([\d.]+)", log)]
     first_losses = [float(v) for v in re.findall(r"Epoch: 1/\d+, Iter: \d+/\d+ -- loss: ([\d.]+)", log)]
     last_losses = [float(v) for v in re.findall(rf"Epoch: {max_epochs}/\d+, Iter: \d+/\d+ -- loss: ([\d.]+)", log)]
@@ -153,7 +117,7 @@ def main(
     dsc = {}
     for split in ("validation", "test"):
         eval_dir = out / f"eval_{split}"
-        run(bundle_command("evaluate", bundle_root=bundle_root, prepared_dir=prepared,
+        run("evaluate", dict(bundle_root=bundle_root, prepared_dir=prepared,
                            validation_key=split, output_dir=eval_dir, **sizes), out / f"evaluate_{split}.log")
         rows = (eval_dir / "val_mean_dice_raw.csv").read_text().strip().splitlines()[1:]
         dsc[split] = [float(r.split(",")[1]) for r in rows]
@@ -168,10 +132,9 @@ def main(
         truth[name] = cohort / "test" / "labels" / f"{name}.nii.gz"
     infer_dir = out / "inference"
     start = time.perf_counter()
-    _, inference_cpu_s = run(bundle_command("inference", bundle_root=bundle_root, input_dir=inputs, output_dir=infer_dir, **sizes),
-        out / "inference.log")
+    _, inference_cpu_s = run("inference", dict(bundle_root=bundle_root, input_dir=inputs, output_dir=infer_dir, **sizes), out / "inference.log")
     inference_s = time.perf_counter() - start
-    cover = {name: coverage(path, infer_dir / f"{name}_roi.json") for name, path in truth.items()}
+    cover = {name: roi_report(*load_label(path), json.loads((infer_dir / f"{name}_roi.json").read_text())) for name, path in truth.items()}
     real_mask, _ = load_label(infer_dir / "real_ct.nii.gz")
     real_truth, _ = load_label(REAL_ORGANS)
     real_dsc = dice(real_truth > 0, real_mask > 0)

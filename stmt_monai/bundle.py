@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -178,7 +179,9 @@ def bundle_command(
     Args:
         bundle_root: the bundle folder.
         workflow: config name (see :func:`config_files`).
-        overrides: ``--key value`` overrides of config ids (``{"max_epochs": 100}``).
+        overrides: ``--key value`` overrides of config ids (``{"max_epochs": 100}``); a
+            ``bundle_root`` among them is the folder the run writes into (its ``models/``,
+            ``logs/``), the configs still coming from ``bundle_root``.
         demo: layer the demo weights' ``demo.json``.
         nproc: processes (GPUs) for ``torchrun``; ``None`` or 1 for one process.
         python: the interpreter (default: this one; ``torchrun`` is taken from beside it).
@@ -187,6 +190,10 @@ def bundle_command(
     """
     python = python or sys.executable
     multi = bool(nproc and int(nproc) > 1)
+    overrides = dict(overrides or {})
+    # a bundle_root override: the folder the workflow resolves its paths from and writes into
+    # (models/, logs/), while its configs are still read from ``bundle_root``
+    root = overrides.pop("bundle_root", bundle_root)
     files = config_files(bundle_root, workflow, demo=demo, multi_gpu=multi)
     configs = configs_dir(bundle_root)
     head = [str(Path(python).parent / "torchrun"), "--nproc_per_node", str(int(nproc)), "-m"] if multi else [python, "-m"]
@@ -195,7 +202,7 @@ def bundle_command(
         "monai.bundle",
         "run",
         "--bundle_root",
-        str(Path(bundle_root).resolve()),
+        str(Path(root).resolve()),
         "--config_file",
         "[" + ",".join(f"'{f}'" for f in files) + "]",
         "--meta_file",
@@ -205,6 +212,19 @@ def bundle_command(
         *(["--args_file", str(Path(args_file).resolve())] if args_file else []),
         *override_args(overrides),
     ]
+
+
+def epoch_seconds(log: str, engine: str = "Trainer") -> list[float]:
+    """Seconds of each epoch of an ignite engine, from a workflow's log lines
+    ``<...engine> - INFO - Epoch[k] Complete. Time taken: HH:MM:SS.fff``.
+
+    Args:
+        log: the workflow's output (:func:`run_workflow`'s ``log_file``).
+        engine: the end of the engine's class name: ``Trainer`` (any trainer),
+            ``SelfTrainingTrainer``, ``MeanTeacherTrainer``, ``Evaluator``.
+    """
+    pattern = rf"\w*{re.escape(engine)} - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)"
+    return [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in re.findall(pattern, log)]
 
 
 class WorkflowFailed(RuntimeError):

@@ -234,3 +234,26 @@ def test_abdomen_roid_writes_roi_json_and_load_targetd_reads_input_grid(real_ct,
     target = LoadTargetd("abdomen")(case)["label"]
     labels, _ = load_label(real_organs)
     assert tuple(target.shape) == (1, *labels.shape) and torch.equal(target[0], torch.from_numpy((labels > 0).astype(np.uint8)))
+
+
+def test_roi_report_coverage_and_share_against_the_ideal_box(real_organs):
+    from stmt_monai.io import load_label
+    from stmt_monai.preprocessing.geometry import to_canonical
+    from stmt_monai.preprocessing.roi import abdomen_roi, roi_report
+
+    labels, affine = load_label(real_organs)
+    labels = labels.copy()
+    labels[labels == 3] = 14  # the spleen stands in for a tumor
+    canonical, canonical_affine, _ = to_canonical(labels, affine)
+    spacing = np.linalg.norm(canonical_affine[:3, :3], axis=0)
+    start, end = abdomen_roi(canonical > 0, spacing, 10.0)
+    whole = {"start_voxel": [0, 0, 0], "end_voxel": list(canonical.shape), "margin_mm": 10.0}
+    report = roi_report(labels, affine, whole)
+    assert report["organs"] == report["tumor"] == 1.0 and report["roi_share_of_volume"] == 1.0
+    ideal = np.prod(np.subtract(end, start)) / labels.size
+    assert report["truth_roi_share_of_volume"] == pytest.approx(ideal) and ideal < 1.0
+    # the ideal box minus its upper half along the first axis: about half of the anatomy is out
+    half = {"start_voxel": [int(v) for v in start], "end_voxel": [int((start[0] + end[0]) // 2), int(end[1]), int(end[2])], "margin_mm": 10.0}
+    report = roi_report(labels, affine, half)
+    assert 0.2 < report["organs"] < 0.8 and report["roi_share_of_volume"] == pytest.approx(ideal / 2, rel=0.05)
+    assert roi_report(np.where(labels == 14, 0, labels), affine, half)["tumor"] is None

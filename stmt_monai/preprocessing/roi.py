@@ -8,7 +8,8 @@
   by :data:`ROI_MARGIN_MM` (10 mm; the paper gives no margin: it covers the coarse mask's
   blockiness);
 - :func:`scale_box`: a voxel box from one grid to another over the same field of view;
-- :func:`roi_coverage`: the share of a case's labelled voxels inside a box.
+- :func:`roi_coverage`: the share of a case's labelled voxels inside a box; :func:`roi_report`:
+  that of the organs and the tumor, and the box's share of the volume against the ideal box's.
 
 Boxes are ``(start, end)`` in canonical RAS voxels, ``[start, end)`` per axis.
 """
@@ -160,3 +161,32 @@ def roi_coverage(
     if total == 0:
         return 1.0
     return float(crop(selected, start, end).sum()) / total
+
+
+def roi_report(labels: np.ndarray, affine: np.ndarray, roi: dict) -> dict:
+    """How well a region of interest holds a case's labelled anatomy, and how much it crops.
+
+    Args:
+        labels: ``(X, Y, Z)`` FLARE label map (the truth) in its file's voxel order.
+        affine: its voxel-to-world affine.
+        roi: the box as :func:`abdomen_roi_from_prediction` returns it (or its JSON as the
+            ``coarse_abdomen`` bundle writes it): ``start_voxel``, ``end_voxel``, ``margin_mm``.
+
+    Returns:
+        ``{"organs", "tumor"}``: :func:`roi_coverage` of the organ classes and of the tumor
+        (``None`` without tumor); ``"roi_share_of_volume"``: the box's share of the volume;
+        ``"truth_roi_share_of_volume"``: that of the ideal box (the truth's own box, > 0, grown by
+        the same margin), for comparison.
+    """
+    from stmt_monai.labels import ORGAN_CLASSES, TUMOR
+
+    labels = np.asarray(labels)
+    start, end = roi["start_voxel"], roi["end_voxel"]
+    canonical, canonical_affine, _ = to_canonical(labels, affine)
+    ideal = abdomen_roi(canonical > 0, np.linalg.norm(canonical_affine[:3, :3], axis=0), roi["margin_mm"])
+    return {
+        "organs": roi_coverage(labels, affine, start, end, classes=ORGAN_CLASSES),
+        "tumor": roi_coverage(labels, affine, start, end, classes=[TUMOR]) if (labels == TUMOR).any() else None,
+        "roi_share_of_volume": float(np.prod(np.subtract(end, start)) / labels.size),
+        "truth_roi_share_of_volume": float(np.prod(np.subtract(ideal[1], ideal[0])) / labels.size),
+    }
