@@ -43,16 +43,32 @@ def voxel_volume_ml(affine: np.ndarray) -> float:
 def label_statistics(labels: np.ndarray, image: np.ndarray | None = None, num_labels: int = TUMOR + 1) -> tuple[np.ndarray, np.ndarray]:
     """Voxel count and HU sum per label value, slab by slab (no full-size float64 copy).
 
+    Only the bounding box of the labelled voxels is read voxel by voxel (the cascade's output
+    is zero outside its region of interest); the background outside it is counted, not summed.
+    Slabs are raveled in the arrays' memory order (NIfTI volumes are Fortran-ordered), so
+    raveling copies without transposing.
+
     Returns:
-        ``(counts, hu_sums)``, each of length ``num_labels`` (``hu_sums`` zeros without an image).
+        ``(counts, hu_sums)``, each of length ``num_labels`` (``hu_sums`` zeros without an image,
+        and for label 0 only the sum inside the labelled box).
     """
     counts = np.zeros(num_labels, np.int64)
     sums = np.zeros(num_labels, np.float64)
-    for z in range(0, labels.shape[-1], _SLAB):
-        lab = labels[..., z : z + _SLAB].ravel()
+    if not labels.any():
+        counts[0] = labels.size
+        return counts, sums
+    box = _bbox(labels, pad=0)
+    lab_box = labels[box]
+    image_box = image[box] if image is not None else None
+    order = "F" if abs(lab_box.strides[0]) < abs(lab_box.strides[-1]) else "C"
+    slab_axis = -1 if order == "F" else 0  # the outermost axis in memory
+    for start in range(0, lab_box.shape[slab_axis], _SLAB):
+        part = (Ellipsis, slice(start, start + _SLAB)) if slab_axis == -1 else (slice(start, start + _SLAB),)
+        lab = lab_box[part].ravel(order)
         counts += np.bincount(lab, minlength=num_labels)[:num_labels]
-        if image is not None:
-            sums += np.bincount(lab, weights=image[..., z : z + _SLAB].ravel(), minlength=num_labels)[:num_labels]
+        if image_box is not None:
+            sums += np.bincount(lab, weights=image_box[part].ravel(order), minlength=num_labels)[:num_labels]
+    counts[0] += labels.size - lab_box.size
     return counts, sums
 
 
