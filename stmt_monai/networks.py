@@ -26,7 +26,7 @@ All networks take ``(B, in_channels, *spatial)`` and return logits ``(B, out_cha
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import torch
@@ -233,6 +233,69 @@ def teacher_network(
             input_size=roi,
         )
     raise ValueError(f"unknown teacher kind {kind!r}: expected one of {TEACHER_KINDS}")
+
+
+class WeightsMismatch(ValueError):
+    """Weights that do not fit the network built for them; ``str()`` is one line that names the
+    weights file, the differing tensors (counted, the first named) and the keys the weights were
+    trained with (their record, :func:`stmt_monai.bundle.read_record`), never PyTorch's dump."""
+
+
+def describe_mismatch(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]) -> str | None:
+    """How a state dict ``found`` differs from a network's ``expected`` one; ``None`` if it fits.
+
+    Returns:
+        e.g. ``"24 tensors of another shape (first input_block.conv1.conv.weight: weights
+        [4, 1, 3, 3, 3], network [16, 1, 3, 3, 3]), 8 missing (first ...)"``.
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} tensors of another shape (first {k}: weights {list(found[k].shape)}, network {list(expected[k].shape)})")
+    if missing:
+        parts.append(f"{len(missing)} missing (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (first {unexpected[0]})")
+    return ", ".join(parts) or None
+
+
+def mismatch_message(source, problem: str) -> str:
+    """The one line of a :class:`WeightsMismatch`: the file, ``problem``, and what its record says."""
+    from stmt_monai.bundle import read_record, record_path
+
+    record, where = {}, record_path(source)
+    try:
+        record = read_record(source)
+    except ValueError:
+        pass
+    if record:
+        keys = ", ".join(f"{k}={v}" for k, v in record.items())
+        hint = f"they were trained with {keys} ({where}): build the network with those (monai.bundle run: --args_file {where})"
+    else:
+        hint = f"no record of their network beside them ({where}): give the network keys they were trained with (--base_channels ... --spatial_size ...)"
+    return f"{source}: the weights do not fit the network built from the config: {problem}; {hint}"
+
+
+def load_network_state(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source) -> torch.nn.Module:
+    """``network.load_state_dict(state)`` (strict) with a one-line :class:`WeightsMismatch` when
+    they do not fit.
+
+    Args:
+        network: the module built from a bundle config.
+        state: its weights (a state dict, e.g. :func:`stmt_monai.inference.bundles.load_weights`).
+        source: the weights file, named in the error (its record gives the hint).
+
+    Returns:
+        ``network``.
+    """
+    problem = describe_mismatch(network.state_dict(), state)
+    if problem:
+        raise WeightsMismatch(mismatch_message(source, problem))
+    network.load_state_dict(state)
+    return network
 
 
 class LoggedSlidingWindowInferer(SlidingWindowInferer):

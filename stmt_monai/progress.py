@@ -9,10 +9,10 @@ with no carriage-return bars::
     validation: 12 cases
     validation: 1/12 cases (8 %), 0:00:14 elapsed, ~0:02:34 left
     validation: 7/12 cases (58 %), 0:01:38 elapsed, ~0:01:10 left
-    validation: 12/12 cases in 0:02:47
+    validation: 12 cases in 0:02:47
 
-A line is written for the first item, then at most once per ``every_s`` seconds, and for the
-last. :class:`EngineProgress` puts one on an ignite engine (the bundles' validators get one from
+A line is written for the first item, then at most once per ``every_s`` seconds, and the
+total time at the end. :class:`EngineProgress` puts one on an ignite engine (the bundles' validators get one from
 :class:`stmt_monai.training.handlers.ValidationHandler`).
 """
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def format_seconds(seconds: float) -> str:
     """``83.4`` -> ``"0:01:23"`` (h:mm:ss, whole seconds)."""
-    return str(timedelta(seconds=int(round(max(seconds, 0.0)))))
+    return str(timedelta(seconds=round(max(seconds, 0.0))))
 
 
 class ProgressLog:
@@ -40,7 +40,7 @@ class ProgressLog:
         what: what is counted, first word of every line (``"validation"``, ``"pseudo labels"``).
         total: number of items (``None``: unknown, no percentage nor estimate).
         unit: the items' name in the lines (``"cases"``).
-        every_s: least seconds between two lines (the first and last item are always logged).
+        every_s: least seconds between two lines (the first item is always logged, and the end).
         quiet_s: write nothing unless the loop is still running after this many seconds (the
             start line and short loops are then left out: the sliding window of each case).
         log: the logger (default this module's).
@@ -72,7 +72,7 @@ class ProgressLog:
         self.lines.append(line)
         self.log.info(line)
 
-    def start(self, total: int | None = None) -> "ProgressLog":
+    def start(self, total: int | None = None) -> ProgressLog:
         """Begin (again): reset the count and the clock; log the total unless ``quiet_s``."""
         if total is not None:
             self.total = int(total)
@@ -99,7 +99,8 @@ class ProgressLog:
         return text + (f" [{note}]" if note else "")
 
     def update(self, n: int = 1, note: str = "") -> None:
-        """``n`` more items done; log a line if it is the first or last, or ``every_s`` passed."""
+        """``n`` more items done; log a line if it is the first, or ``every_s`` passed (not for the
+        last: :meth:`finish` says it)."""
         if not self.started:
             self.start()
         self.done += n
@@ -108,7 +109,7 @@ class ProgressLog:
             return
         first = not self.logged or self.done == n
         last = self.total is not None and self.done >= self.total
-        if first or last or now - self.last_time >= self.every_s:
+        if not last and (first or now - self.last_time >= self.every_s):
             self._emit(self.line(note))
             self.last_time = now
             self.logged = True
@@ -117,7 +118,7 @@ class ProgressLog:
         """Log the total time (if anything was logged, or the loop outlasted ``quiet_s``)."""
         elapsed = time.perf_counter() - self.start_time
         if self.logged:
-            self._emit(f"{self.what}: {self.done}/{self.total if self.total is not None else self.done} {self.unit} in {format_seconds(elapsed)}")
+            self._emit(f"{self.what}: {self.done} {self.unit} in {format_seconds(elapsed)}")
 
 
 class EngineProgress:

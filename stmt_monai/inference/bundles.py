@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from stmt_monai.bundle import config_files
+from stmt_monai.bundle import config_files, read_record, write_record
 from stmt_monai.io import atomic_path
 from stmt_monai.preprocessing.fingerprint import Fingerprint
 
@@ -62,6 +62,11 @@ def bundle_config(bundle_root: str | os.PathLike, weights: str = "auto"):
     - ``"auto"``: ``"trained"`` if the trained weights file exists, else ``"demo"`` if the bundle
       has ``configs/demo.json``, else ``"trained"`` (whose missing file is then reported).
 
+    Weights carry their network: the record beside the chosen weights (``models/model.json``,
+    ``models/demo/model.json``; :func:`stmt_monai.bundle.read_record`), which every training
+    writes with the network and input-size keys it was given, is applied last, so weights
+    trained with ``--spatial_size [48,48,48] --base_channels 8`` load without those overrides.
+
     Returns:
         ``(parser, kind)``: the :class:`monai.bundle.ConfigParser` and ``"trained"`` or ``"demo"``.
     """
@@ -88,7 +93,38 @@ def bundle_config(bundle_root: str | os.PathLike, weights: str = "auto"):
             kind = "demo"
     if kind == "demo" and not demo_file.is_file():
         raise FileNotFoundError(f"{root}: no {DEMO_CONFIG} (demo weights not installed; run stmt-train-demo)")
-    return parse([demo_file] if kind == "demo" else []), kind
+    parser = parse([demo_file] if kind == "demo" else [])
+    for key, value in read_record(weights_path(parser)).items():
+        parser[key] = value
+    return parser, kind
+
+
+def load_network(bundle_root: str | os.PathLike, weights: str = "auto"):
+    """A stage bundle's network with its weights loaded, eval mode, on the CPU: the one way the
+    cascade (:class:`stmt_monai.inference.stage.StageModel`), the export and MONAI Label build it.
+
+    The network is built from :func:`bundle_config` (the record beside the weights applied) and
+    the weights loaded strictly (the tumor bundle's ``inference_network`` entry); weights that
+    still do not fit raise a one-line :class:`stmt_monai.networks.WeightsMismatch`.
+
+    Returns:
+        ``(network, parser, kind)``: the module, the parsed config and ``"trained"`` / ``"demo"``.
+
+    Raises:
+        FileNotFoundError: no weights file (the message says how to make them).
+    """
+    from stmt_monai.networks import load_network_state
+
+    parser, kind = bundle_config(bundle_root, weights)
+    path = weights_path(parser)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no weights; train the bundle {Path(bundle_root).name} (stmt-train, or its docs/README.md) "
+            "or make the demo weights (stmt-train-demo)"
+        )
+    network = parser.get_parsed_content("network_def")
+    load_network_state(network, load_weights(path, parser.get("inference_network")), path)
+    return network.eval(), parser, kind
 
 
 def weights_path(parser) -> Path:
@@ -173,4 +209,14 @@ def random_weights(bundle_root: str | os.PathLike, fingerprint: Fingerprint, wei
     network = parser.get_parsed_content("network_def")
     path = weights_path(parser)
     fingerprint.save(parser.get_parsed_content("fingerprint"))
+    write_record(path, network_record(parser))
     return save_weights(path, network.state_dict(), key=parser.get("inference_network"))
+
+#: the config ids a stage network and its input are built from: what a training records beside
+#: its weights (the ``record`` of ``validate#best_checkpoint`` in each stage bundle's train.json)
+NETWORK_KEYS = ("spatial_size", "in_channels", "out_channels", "base_channels", "num_downsamplings", "max_channels")
+
+
+def network_record(parser) -> dict:
+    """The :data:`NETWORK_KEYS` values of a parsed stage-bundle config (a weights record)."""
+    return {key: parser.get_parsed_content(key) for key in NETWORK_KEYS if key in parser}

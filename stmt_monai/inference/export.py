@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from stmt_monai.bundle import config_files as bundle_config_files
+from stmt_monai.bundle import read_record
 from stmt_monai.inference.backends import exported_path, save_ir_atomic
 from stmt_monai.inference.bundles import (
     STAGE_BUNDLES,
-    bundle_config,
-    load_weights,
+    load_network,
     weights_path,
 )
 from stmt_monai.io import atomic_path
@@ -56,20 +56,8 @@ def config_files(bundle_root: str | os.PathLike, kind: str) -> list[str]:
     return [str(f) for f in bundle_config_files(bundle_root, "inference", demo=kind == "demo")]
 
 
-def bundle_network(bundle_root: str | os.PathLike, weights: str = "auto"):
-    """A stage bundle's network with its weights loaded, eval mode, on the CPU.
-
-    Returns:
-        ``(network, parser, kind)``: the module, the bundle's parsed config and ``"trained"`` /
-        ``"demo"``.
-    """
-    parser, kind = bundle_config(bundle_root, weights)
-    path = weights_path(parser)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no weights to export (train the bundle, or stmt-train-demo)")
-    network = parser.get_parsed_content("network_def")
-    network.load_state_dict(load_weights(path, parser.get("inference_network")))
-    return network.eval(), parser, kind
+#: the network an export starts from: built and loaded as the cascade does (``(network, parser, kind)``)
+bundle_network = load_network
 
 
 def example_input(parser, batch: int = 1) -> torch.Tensor:
@@ -105,6 +93,7 @@ def export_torchscript(bundle_root: str | os.PathLike, weights: str = "auto", fi
             config_file=config_files(bundle_root, kind),
             key_in_ckpt=parser.get("inference_network"),
             bundle_root=str(Path(bundle_root).resolve()),
+            **read_record(ckpt),  # the network the weights were trained with
         )
         exported = torch.jit.load(str(tmp), map_location="cpu").state_dict()
         expected = network.state_dict()

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from stmt_monai.bundle import record_path
 from stmt_monai.inference.backends import StageRunner, cache_dir, make_runner, resolve_backend
-from stmt_monai.inference.bundles import DEMO_CONFIG, bundle_config, load_weights, weights_path
+from stmt_monai.inference.bundles import DEMO_CONFIG, bundle_config, load_network, weights_path
 from stmt_monai.preprocessing.fingerprint import Fingerprint
 
 
@@ -93,7 +94,7 @@ class StageModel:
         if amp and device.type != "cuda":
             raise ValueError("amp (fp16 autocast) is for CUDA devices")
         spec = stage_spec(bundle_root, weights)
-        path, kind, key = Path(spec["weights"]), spec["weights_kind"], spec.get("inference_network")
+        path, kind = Path(spec["weights"]), spec["weights_kind"]
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: no weights for stage {stage!r}; train the bundle {Path(bundle_root).name} "
@@ -104,10 +105,7 @@ class StageModel:
 
         def build_network() -> torch.nn.Module:
             # only when the backend needs the torch module (not for a cached OpenVINO IR)
-            parser, _ = bundle_config(bundle_root, kind)
-            network = parser.get_parsed_content("network_def")
-            network.load_state_dict(load_weights(path, key))
-            return network.eval()
+            return load_network(bundle_root, kind)[0]
 
         runner = make_runner(
             backend, build_network, path, spatial_size, int(spec["in_channels"]), spec["network_signature"], device, threads, bool(amp),
@@ -193,7 +191,7 @@ def stage_spec(bundle_root: str | os.PathLike, weights: str = "auto") -> dict:
         },
         "config_stamps": config_stamps,
         # "auto" turns to the trained weights when they appear, and any weights change re-keys the IR
-        "file_stamps": {str(p): _stamp(p) for p in {path, trained}},
+        "file_stamps": {str(p): _stamp(p) for p in {path, trained, record_path(path)}},
     }
     if path.is_file():  # a missing file is reported by the caller; nothing to remember yet
         try:

@@ -28,6 +28,7 @@ from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
 from stmt_monai.bundle import write_record
 from stmt_monai.io import atomic_path
+from stmt_monai.networks import WeightsMismatch, describe_mismatch, mismatch_message
 from stmt_monai.progress import EngineProgress
 from stmt_monai.training.distributed import is_main_process
 
@@ -249,6 +250,29 @@ class BestCheckpoint:
                 save_checkpoint(self.save_path, self.save_dict)
             if is_main_process():
                 logger.info(f"{name} improved to {value:.4f}: saved {self.save_path}")
+
+
+class WeightsLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` for a bundle's inference and evaluation: weights that do not
+    fit the network built from the config stop the run with one line naming the weights file,
+    the differing tensors and the network keys the weights were trained with (their record,
+    ``models/model.json``, to pass as ``--args_file``), instead of PyTorch's state-dict dump.
+    Same arguments as ``monai.handlers.CheckpointLoader``."""
+
+    def __call__(self, engine: Engine) -> None:
+        try:
+            super().__call__(engine)
+        except RuntimeError as err:
+            if "state_dict" not in str(err):
+                raise
+            checkpoint = torch.load(self.load_path, map_location="cpu", weights_only=True)
+            problems = []
+            for name, obj in self.load_dict.items():
+                state = checkpoint.get(name, checkpoint) if len(self.load_dict) == 1 else checkpoint.get(name, {})
+                problem = describe_mismatch(_state_dict(obj), state)
+                if problem:
+                    problems.append(problem if len(self.load_dict) == 1 else f"{name}: {problem}")
+            raise WeightsMismatch(mismatch_message(self.load_path, "; ".join(problems) or str(err).splitlines()[0])) from None
 
 
 def image_path_meta(batch: Sequence[Mapping]) -> list[dict]:

@@ -30,7 +30,7 @@ import monai.bundle
 from monai.bundle import ConfigParser
 from monailabel.tasks.train.bundle import BundleConstants, BundleTrainTask
 
-from stmt_monai.bundle import config_files
+from stmt_monai.bundle import config_files, read_record
 from stmt_monai.inference.bundles import bundle_config, weights_path
 from stmt_monai.preprocessing.transforms import STREAM
 from stmt_monai.training.losses import LABELLED
@@ -61,6 +61,8 @@ class StageBundleTrainTask(BundleTrainTask):
         inference, kind = bundle_config(root, weights)
         self.config_files = [str(f) for f in config_files(root, "train", demo=kind == "demo")]
         self.weights_file = weights_path(inference)
+        # the served weights' network (their record, models/model.json): training goes on with it
+        self.record = read_record(self.weights_file)
         key = inference.get("inference_network") or "model"
         super().__init__(str(root), conf, const=_StageTrainConstants(), model_dict_key=key, load_strict=True)
         if not self.valid:
@@ -74,6 +76,8 @@ class StageBundleTrainTask(BundleTrainTask):
         parser = ConfigParser()
         parser.read_config(self.config_files)
         parser["bundle_root"] = str(path)
+        for key, value in self.record.items():
+            parser[key] = value
         return parser
 
     def _fetch_datalist(self, request, datastore):
@@ -117,7 +121,7 @@ class StageBundleTrainTask(BundleTrainTask):
         overrides["train#checkpoint#resume"] = False
         # validate (and so save the best weights) at least once
         overrides["val_interval"] = min(max_epochs, int(self.bundle_config.get("val_interval", 1)))
-        return overrides
+        return {**self.record, **overrides}
 
     def run_single_gpu(self, request, overrides):
         monai.bundle.run(
