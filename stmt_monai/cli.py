@@ -368,5 +368,14 @@ def train_demo_main(argv: list[str] | None = None) -> None:
     run_command("stmt-train-demo", train_demo, argv, info=True)
 
 
+def train_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``stmt-train``: the whole training chain (:func:`stmt_monai.training.chain.train_chain`);
+    exit 1 if a step failed (its log named), 2 on bad arguments or data."""
+    from stmt_monai.training.chain import train_chain
+
+    run_command("stmt-train", train_chain, argv)
+
+
+
 if __name__ == "__main__":
     segment_main()
