@@ -41,7 +41,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from stmt_monai.bundle import run_workflow
+from stmt_monai.bundle import read_record, record_path, run_workflow
 from stmt_monai.inference.bundles import (
     STAGE_BUNDLES,
     bundle_config,
@@ -103,14 +103,14 @@ def finalize(bundle: Path, record: Mapping) -> dict:
     state = load_weights(ckpt / "model.pt", key)
     save_weights(ckpt / "model.pt", state, key=key, half=True)
     for leftover in ckpt.iterdir():
-        if leftover.name not in ("model.pt", "fingerprint.json"):
+        if leftover.name not in ("model.pt", record_path("model.pt").name, "fingerprint.json"):  # weights, their record
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     data = (ckpt / "model.pt").read_bytes()
     record = {
         **record,
         "what": "demo weights: trained on a synthetic cohort (stmt-train-demo), NOT for clinical use",
         "storage": "fp16 state dict (cast to fp32 on load)",
-        "network": {**DEMO_NETWORK, "spatial_size": parser.get_parsed_content("spatial_size")},
+        "network": read_record(ckpt / "model.pt"),  # the record the training wrote beside the weights
         "inference_network": key,
         "model_bytes": len(data),
         "model_sha256": hashlib.sha256(data).hexdigest(),
