@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -75,12 +76,24 @@ def segment_case(
     Raises:
         ImageError: the input cannot be used (other errors propagate as they are).
     """
+    paths = output_paths(case, output_dir)
+    if paths["mask"].exists() and not overwrite:
+        return _skipped(case, paths)
+    return write_case(cascade, case, cascade.segment(case), output_dir, preview, report)
+
+
+def _skipped(case, paths: dict) -> dict:
+    return {"case": str(case), "status": "skipped", "outputs": {"mask": str(paths["mask"])}, "timings": {}}
+
+
+def write_case(
+    cascade: Cascade, case: str | os.PathLike, result: CascadeResult, output_dir: str | os.PathLike, preview: bool = False, report: bool = True
+) -> dict:
+    """Write one segmented case's outputs (each atomically): the mask, the report and the
+    optional preview; :func:`segment_case`'s return value."""
     from stmt_monai.inference import report as case_report
 
     paths = output_paths(case, output_dir)
-    if paths["mask"].exists() and not overwrite:
-        return {"case": str(case), "status": "skipped", "outputs": {"mask": str(paths["mask"])}, "timings": {}}
-    result = cascade.segment(case)
     clock = time.perf_counter()
     written = {"mask": save_label_map(paths["mask"], result.labels, result.affine)}
     timings = dict(result.timings)
@@ -124,6 +137,8 @@ class BatchResult:
     skipped: list[str] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     timings: dict = dataclasses.field(default_factory=dict)
+    #: seconds from the batch's start until each case (in order) was done: the per-case time in a batch
+    finished_s: list = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -174,11 +189,14 @@ def segment_folder(
     preview: bool = False,
     progress: bool = True,
     shard: str | None = None,
+    overlap: bool = True,
 ) -> BatchResult:
     """Segment every case of ``input`` (:func:`stmt_monai.io.find_cases`) into ``output_dir``.
 
     A case that fails is recorded (path, reason) and the batch goes on. With ``shard`` ``"i/n"``
-    only that share of the cases (:func:`shard_cases`), to split a batch across processes.
+    only that share of the cases (:func:`shard_cases`), to split a batch across processes. With
+    ``overlap`` the next case is read and the previous one written while the networks run on
+    this one (:func:`_overlapped`); results, order and failures are those of the one-by-one loop.
 
     Returns:
         :class:`BatchResult`; its ``failed`` list is empty when all went well.
@@ -191,15 +209,69 @@ def segment_folder(
     except ImageError as err:
         result.failed.append((str(input), err.problem))
         return result
-    for case in tqdm(cases, desc="stmt-segment", unit="case", disable=not progress):
-        try:
-            outcome = segment_case(cascade, case, output_dir, overwrite=overwrite, preview=preview)
-        except Exception as err:  # noqa: BLE001 - one bad case must not stop the batch
-            logger.debug("case %s failed", case, exc_info=True)
-            result.failed.append((str(case), failure_reason(case, err)))
+    start = time.perf_counter()
+    if overlap:
+        outcomes = _overlapped(cascade, cases, output_dir, overwrite, preview)
+    else:
+        outcomes = ((case, _attempt(segment_case, cascade, case, output_dir, overwrite, preview)) for case in cases)
+    bar = tqdm(total=len(cases), desc="stmt-segment", unit="case", disable=not progress)
+    for case, outcome in outcomes:
+        bar.update()
+        result.finished_s.append(time.perf_counter() - start)
+        if isinstance(outcome, BaseException):
+            logger.debug("case %s failed", case, exc_info=outcome)
+            result.failed.append((str(case), failure_reason(case, outcome)))
             logger.warning("%s: %s", case, result.failed[-1][1])
             continue
         logger.info("%s: %s %s", case, outcome["status"], outcome["outputs"]["mask"])
         (result.written if outcome["status"] == "written" else result.skipped).append(str(case))
         result.timings[str(case)] = outcome["timings"]
+    bar.close()
     return result
+
+
+def _attempt(function, *args):
+    """``function(*args)``, or the exception it raised (one bad case must not stop the batch)."""
+    try:
+        return function(*args)
+    except Exception as err:  # noqa: BLE001
+        return err
+
+
+def _overlapped(cascade: Cascade, cases: Sequence[Path], output_dir, overwrite: bool, preview: bool):
+    """``(case, outcome or exception)`` of each case, in order, with the reading of the next
+    case (a thread) and the writing of the previous one (another thread) overlapping this
+    case's networks. At most one case is read ahead and one written behind, so memory holds
+    three cases at most; what each thread does releases the GIL for its heavy parts (ISA-L,
+    numpy, OpenVINO)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(case):
+        paths = output_paths(case, output_dir)
+        if paths["mask"].exists() and not overwrite:
+            return _skipped(case, paths)
+        return cascade.read(case)
+
+    def done(value):
+        future = Future()
+        future.set_result(value)
+        return future
+
+    with ThreadPoolExecutor(1, "stmt-read") as reader, ThreadPoolExecutor(1, "stmt-write") as writer:
+        reading = reader.submit(_attempt, read, cases[0]) if cases else None
+        behind = None  # (case, future of its outcome)
+        for i, case in enumerate(cases):
+            loaded = reading.result()
+            reading = reader.submit(_attempt, read, cases[i + 1]) if i + 1 < len(cases) else None
+            if isinstance(loaded, BaseException) or "status" in loaded:
+                outcome = done(loaded)  # failed to read, or skipped
+            else:
+                result = _attempt(cascade.segment_loaded, case, loaded)
+                del loaded  # the input volume: the result keeps what the writing needs
+                outcome = done(result) if isinstance(result, BaseException) else writer.submit(_attempt, write_case, cascade, case, result, output_dir, preview)
+                del result
+            if behind is not None:
+                yield behind[0], behind[1].result()
+            behind = (case, outcome)
+        if behind is not None:
+            yield behind[0], behind[1].result()

@@ -39,7 +39,7 @@ from stmt_monai.inference.bundles import STAGE_BUNDLES, default_bundles_dir
 from stmt_monai.inference.postprocessing import largest_component, overlay_tumor
 from stmt_monai.inference.stage import StageModel
 from stmt_monai.io import load_image
-from stmt_monai.preprocessing.geometry import resize, restore_label_map, to_canonical
+from stmt_monai.preprocessing.geometry import canonical_tensor, resize, restore_label_map, to_canonical
 from stmt_monai.preprocessing.roi import (
     ROI_MARGIN_MM,
     ROI_MIN_COMPONENT_FRACTION,
@@ -58,7 +58,8 @@ class CascadeResult:
     Attributes:
         labels: ``(X, Y, Z)`` uint8 FLARE label map (0..14) in the input file's voxel order.
         affine: the input's 4 x 4 RAS affine (write ``labels`` with it).
-        image: ``(X, Y, Z)`` float32 HU of the input (for the report and preview).
+        image: ``(X, Y, Z)`` HU of the input, in the file's own type and memory order (for the
+            report and preview; read-only when read from a NIfTI file).
         organ_labels: the organ result before the tumor overlay, on the same grid, when the
             cascade found a tumor (the report names each tumor's host organ from it), else None.
         roi: stage 1's region of interest (:func:`abdomen_roi_from_prediction`'s dict).
@@ -140,11 +141,24 @@ class Cascade:
         Raises:
             ImageError: the input cannot be read or is not a 3D volume.
         """
+        return self.segment_loaded(path, self.read(path))
+
+    def read(self, path: str | os.PathLike) -> dict:
+        """The reading half of :meth:`segment` (a batch reads the next case while the networks
+        run on this one): the volume in the file's own type (int16 for most CTs; the cascade only
+        reads it).
+
+        Returns:
+            ``{"image", "affine", "seconds"}`` for :meth:`segment_loaded`.
+        """
         start = time.perf_counter()
-        image, affine = load_image(path)
-        read = time.perf_counter() - start
-        result = self.segment_array(image, affine)
-        result.timings = {"read": read, **result.timings}
+        image, affine = load_image(path, dtype=None)
+        return {"image": image, "affine": affine, "seconds": time.perf_counter() - start}
+
+    def segment_loaded(self, path: str | os.PathLike, loaded: dict) -> CascadeResult:
+        """The networks' half of :meth:`segment` on what :meth:`read` returned for ``path``."""
+        result = self.segment_array(loaded["image"], loaded["affine"])
+        result.timings = {"read": loaded["seconds"], **result.timings}
         return result
 
     def segment_array(self, image: np.ndarray, affine: np.ndarray) -> CascadeResult:
@@ -166,10 +180,13 @@ class Cascade:
             t[name] = now - clock
             clock = now
 
-        image = np.asarray(image, np.float32)
+        image = np.asarray(image)  # its own type: no float32 copy (the resampling reads any dtype)
         abdomen, organ, tumor = self.models["abdomen"], self.models["organ"], self.models["tumor"]
         # stage 1: whole volume at 128^3
-        canonical = to_canonical(image, affine)  # once for the three networks
+        canonical = to_canonical(image, affine, contiguous=False)  # a view, once for the three networks
+        if self.device.type == "cuda":
+            # uploaded once (file type, memory order), reoriented, cropped and resampled on the device
+            canonical = (canonical_tensor(image, canonical[2], self.device), *canonical[1:])
         x1, _, geometry1 = prepare_volume(image, affine, abdomen.spatial_size, canonical=canonical)
         mask = abdomen.predict(abdomen.fingerprint.normalize(x1))
         lap("stage1")
