@@ -170,7 +170,12 @@ def stage_spec(bundle_root: str | os.PathLike, weights: str = "auto") -> dict:
         pass
     parser, kind = bundle_config(root, weights)
     path = weights_path(parser)
-    trained = weights_path(bundle_config(root, "trained")[0]) if (configs / DEMO_CONFIG).is_file() and kind == "demo" else path
+    trained = path
+    if kind == "demo" and (configs / DEMO_CONFIG).is_file():
+        try:
+            trained = weights_path(bundle_config(root, "trained")[0])
+        except FileNotFoundError:  # models/model.pt is the link a fresh clone has to the demo weights
+            trained = root / "models" / "model.pt"
     key = parser.get("inference_network")
     spatial_size = [int(s) for s in parser.get_parsed_content("spatial_size")]
     record = {
