@@ -327,7 +327,7 @@ def efficiency_main(argv: list[str] | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------- bundles
-def export(bundle_root: str, weights: str = "auto", formats: str | tuple | None = None, check: bool = True) -> dict:
+def export(bundle_root: str, weights: str = "auto", formats: str | tuple | None = None, check: bool = True, calibration: str | None = None) -> dict:
     """Export a stage bundle's network beside its weights: ``model.ts`` (TorchScript, MONAI's
     ``ckpt_export``) and ``model.onnx`` (ONNX), which ``stmt-segment --backend torchscript`` /
     ``--backend onnx`` run.
@@ -335,14 +335,19 @@ def export(bundle_root: str, weights: str = "auto", formats: str | tuple | None 
         stmt-export bundles/organ_selftrain                      # models/model.ts, models/model.onnx
         stmt-export bundles/tumor_meanteacher --weights demo     # models/demo/model.{ts,onnx}
         stmt-export bundles/coarse_abdomen --formats onnx
+        stmt-export bundles/organ_selftrain --formats openvino_int8 --calibration my_cts/   # model.int8.xml
 
-    ONNX needs the optional extra: ``pip install 'stmt-monai[export]'``.
+    ONNX needs the optional extra: ``pip install 'stmt-monai[export]'``. ``openvino_int8`` (NNCF
+    post-training quantisation, run by ``stmt-segment --precision int8``) calibrates on the inputs
+    the cascade makes for a few CTs, so the other two stage bundles must sit beside this one.
 
     Args:
         bundle_root: the stage bundle.
         weights: ``auto``, ``trained`` or ``demo``.
         formats: comma-separated, from :data:`stmt_monai.inference.export.FORMATS`; default all.
         check: log each export's largest difference from the eager network.
+        calibration: ``openvino_int8``: a CT file or folder to calibrate on (default: the shipped
+            CT and generated cases).
 
     Returns:
         ``{format: written file}`` (:func:`stmt_monai.inference.export.export_bundle`).
@@ -350,7 +355,7 @@ def export(bundle_root: str, weights: str = "auto", formats: str | tuple | None 
     from stmt_monai.inference.export import FORMATS, export_bundle
 
     formats = list(FORMATS) if formats is None else formats.split(",") if isinstance(formats, str) else list(formats)
-    written = export_bundle(bundle_root, weights, formats, check)
+    written = export_bundle(bundle_root, weights, formats, check, calibration)
     for fmt, path in written.items():
         print(f"{fmt}: {path}")
     return written

@@ -19,7 +19,6 @@ from pathlib import Path
 import cc3d
 import numpy as np
 from nibabel import orientations
-from scipy import ndimage
 
 from stmt_monai.io import write_csv_atomic, write_text_atomic
 from stmt_monai.labels import ORGAN_CLASSES, ORGANS, TUMOR, TUMOR_NAME
@@ -132,6 +131,8 @@ def host_organ(component: np.ndarray, organ_map: np.ndarray, exclude_component: 
         The organ label (1..13), or 0 when no organ touches the lesion (e.g. a lower-abdomen
         lesion outside every organ). Ties go to the lower label.
     """
+    from scipy import ndimage  # only for tumors: a case without any does not import scipy
+
     grown = ndimage.binary_dilation(component, structure=np.ones((3, 3, 3), bool))
     region = grown & ~component if exclude_component else grown
     values = organ_map[region]
