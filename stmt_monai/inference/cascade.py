@@ -132,6 +132,8 @@ class Cascade:
             "device": str(self.device),
             "roi_margin_mm": self.margin_mm,
             "load_seconds": round(self.load_seconds, 3),
+            # set by stmt-segment: the process's start-up before the models (None elsewhere)
+            "start_up_seconds": None if getattr(self, "start_up_seconds", None) is None else round(self.start_up_seconds, 3),
             "stages": {stage: model.settings for stage, model in self.models.items()},
         }
 
