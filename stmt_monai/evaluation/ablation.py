@@ -20,6 +20,8 @@ Rows (the paper's Table 3, plus the oracle upper bounds):
 ``fst``                       tumor student on the tumor-annotated cases, supervised (lambda = 0)
 ``mean_teacher``              the tumor mean teacher, eq. (2)
 ``mt_oracle``                 eq. (2) with the teacher's prediction replaced by the hidden truth
+``mt_paper``                  eq. (2) with the paper's constant lambda from the first iteration and a
+                              plain EMA (the bundle's default ramps lambda up and warms the EMA up)
 ============================  =====================================================================
 
 Seeds change the networks' initialisation, batch order and augmentation of every run (teacher
@@ -51,7 +53,7 @@ from stmt_monai.labels import ORGAN_CLASSES, TUMOR
 logger = logging.getLogger(__name__)
 
 ORGAN_ROWS = ("nnunet", "fso", "st_partial", "st_partial_unlabelled", "st_oracle")
-TUMOR_ROWS = ("fst", "mean_teacher", "mt_oracle")
+TUMOR_ROWS = ("fst", "mean_teacher", "mt_oracle", "mt_paper")
 ROW_NAMES = ORGAN_ROWS + TUMOR_ROWS
 #: the paper's Table 3 (validation set, %): organ DSC / NSD and tumor DSC / NSD
 PAPER_TABLE3: Mapping[str, dict[str, float]] = {
@@ -71,6 +73,7 @@ TRENDS = (
     ("mean_teacher", "fst", "tumor_dsc"),
     ("st_oracle", "fso", "organ_dsc"),
     ("mt_oracle", "fst", "tumor_dsc"),
+    ("mean_teacher", "mt_paper", "tumor_dsc"),
 )
 ORGAN_BUNDLE, TUMOR_BUNDLE = "organ_selftrain", "tumor_meanteacher"
 DONE = "done.json"
@@ -98,25 +101,26 @@ class AblationSettings:
         parallel: training processes at once.
     """
 
-    spatial_size: tuple[int, int, int] = (48, 48, 48)
+    spatial_size: tuple[int, int, int] = (40, 40, 40)
     base_channels: int = 8
-    num_downsamplings: int = 4
+    num_downsamplings: int = 3
     max_channels: int = 128
-    organ_epochs: int = 60
+    organ_epochs: int = 80
     batches_per_epoch: int = 10
-    tumor_epochs: int = 40
-    learning_rate: float = 0.1
+    tumor_epochs: int = 50
+    learning_rate: float = 0.2
     momentum: float = 0.9
     val_interval: int = 5
     teacher_kind: str = "res_unet_large"
-    teacher_base_channels: int = 16
+    teacher_base_channels: int = 8
     teacher_num_downsamplings: int = 4
     teacher_roi_size: tuple[int, int, int] = (48, 48, 48)
-    teacher_spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    teacher_epochs: int = 100
+    teacher_spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    teacher_epochs: int = 400
     teacher_batch_size: int = 2
-    teacher_num_patches: int = 2
-    teacher_learning_rate: float = 0.1
+    teacher_num_patches: int = 1
+    teacher_learning_rate: float = 0.2
+    teacher_momentum: float = 0.9
     device: str = "cpu"
     cpu_bf16: bool | None = None
     threads: int = 1
@@ -167,8 +171,9 @@ class AblationSettings:
             "teacher_batch_size": self.teacher_batch_size,
             "teacher_num_patches": self.teacher_num_patches,
             "teacher_learning_rate": self.teacher_learning_rate,
-            "momentum": self.momentum,
+            "momentum": self.teacher_momentum,
             "teacher_val_interval": max(self.teacher_epochs // 10, 1),
+            "teacher_crop_roi": True,
             "cache_rate": 1.0,
             "amp": self.device.startswith("cuda"),
             "cpu_bf16": bool(self.cpu_bf16),
@@ -289,6 +294,7 @@ def row_overrides(row: str) -> dict:
             "label_keys": ["label", "oracle"],
             "oracle_key": "oracle",
         },
+        "mt_paper": {"lambda_rampup_epochs": 0, "ema_warmup_iters": 0},
     }[row]
 
 
@@ -324,9 +330,9 @@ def seed_steps(paths: AblationPaths, settings: AblationSettings, seed: int, rows
                 },
             )
         )
-        for name, jobs, out in (
-            ("pseudo_labels", str(paths.prepared / "datalist_pseudo_label_jobs.json"), paths.pseudo_dir(seed)),
-            ("teacher_test", str(paths.lists / "test_jobs.json"), teacher_dir / "test_pred"),
+        for name, jobs, out, roi_dir in (
+            ("pseudo_labels", str(paths.prepared / "datalist_pseudo_label_jobs.json"), paths.pseudo_dir(seed), paths.cohort / "truth"),
+            ("teacher_test", str(paths.lists / "test_jobs.json"), teacher_dir / "test_pred", paths.test_labels),
         ):
             steps.append(
                 Step(
@@ -338,6 +344,7 @@ def seed_steps(paths: AblationPaths, settings: AblationSettings, seed: int, rows
                         "ckpt_dir": str(teacher_dir / "models"),
                         "pseudo_label_jobs": jobs,
                         "pseudo_label_dir": str(out),
+                        "roi_dir": str(roi_dir),  # the students' perfect stage 1, for the teacher too
                         "progress": False,
                     },
                     needs=("teacher",),

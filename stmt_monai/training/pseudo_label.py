@@ -131,7 +131,8 @@ class _SafeLoad:
 
     def __call__(self, item: Mapping) -> dict:
         try:
-            return {"item": dict(item), "data": self.preprocessing({"image": item["image"]})}
+            inputs = {"image": item["image"], **({"roi": item["roi"]} if item.get("roi") is not None else {})}
+            return {"item": dict(item), "data": self.preprocessing(inputs)}
         except Exception as err:  # noqa: BLE001 - any bad input is reported and skipped
             while err.__cause__ is not None:  # MONAI's Compose wraps the transform's own error
                 err = err.__cause__
@@ -182,6 +183,7 @@ def generate_pseudo_labels(
     num_workers: int = 0,
     progress: bool = True,
     jobs_key: str = "training",
+    roi_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Predict, correct and write the pseudo label of every job case (self-training step 2).
 
@@ -213,6 +215,11 @@ def generate_pseudo_labels(
         progress: log the progress (cases done, time left; :class:`stmt_monai.progress.ProgressLog`),
             as plain lines that read the same in a terminal and a log file.
         jobs_key: datalist key of the jobs.
+        roi_dir: for a teacher trained on the region of interest (``train_teacher``'s
+            ``teacher_crop_roi``): masks ``<name>.nii.gz`` (e.g. stage 1's predictions) whose
+            bounding box + margin is each case's region; the teacher predicts inside it and the
+            pseudo label is background outside it. A case without a mask is predicted whole.
+            ``None`` (default): the whole CT, as before stage 1 exists.
 
     Returns:
         Summary ``{"datalist", "predicted", "skipped", "failed", "excluded", "cpl", "pl"}``:
@@ -258,8 +265,12 @@ def generate_pseudo_labels(
         }
         write_text_atomic(datalist_path, json.dumps(content, indent=1) + "\n")
 
+    if roi_dir is not None:
+        from stmt_monai.data.datalists import attach_roi
+
+        todo = attach_roi(todo, roi_dir)
     preprocessing = stage_transforms(
-        "organ", fingerprint, None, train=False, crop_roi=False, target_spacing_mm=spacing
+        "organ", fingerprint, None, train=False, crop_roi=roi_dir is not None, target_spacing_mm=spacing
     )
     loader = torch.utils.data.DataLoader(
         _JobData(todo, _SafeLoad(preprocessing)), batch_size=None, num_workers=int(num_workers)
