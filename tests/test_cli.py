@@ -12,6 +12,7 @@ from cascade_helpers import REPO, random_bundles
 from stmt_monai.cli import segment, segment_main
 from stmt_monai.inference.batch import shard_cases
 from stmt_monai.io import load_image, save_nifti
+from stmt_monai.preprocessing.roi import roi_coverage
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,18 @@ def test_folder_with_bad_cases_goes_on_and_exits_1(bundles, mixed_folder, tmp_pa
     assert mask.get_data_dtype() == np.uint8
 
 
+def test_progress_bar_counts_every_case_failed_or_not(bundles, mixed_folder, tmp_path, capsys):
+    """stmt-segment's bar (tqdm, on stderr): its last state counts the three cases, the two that
+    failed included; with ``--progress False`` there is none."""
+    segment(str(mixed_folder), str(tmp_path / "out"), bundles_dir=str(bundles), progress=True)
+    err = capsys.readouterr().err
+    states = [line.strip() for line in err.replace("\r", "\n").splitlines() if line.startswith("stmt-segment:") and "|" in line]
+    assert states, err
+    assert states[-1].startswith("stmt-segment: 100%|") and "| 3/3 [" in states[-1] and states[-1].endswith(("case]", "case/s]"))  # s/case or case/s
+    segment(str(mixed_folder), str(tmp_path / "out2"), bundles_dir=str(bundles), progress=False)
+    assert "|" not in capsys.readouterr().err
+
+
 def test_shards_split_a_folder_into_disjoint_shares(bundles, real_ct, tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -77,7 +90,6 @@ def test_report_volumes_match_the_written_mask(bundles, real_dicom, tmp_path):
         assert organ["voxels"] == int((labels == organ["label"]).sum())
         assert organ["volume_ml"] == pytest.approx(organ["voxels"] * voxel_ml, rel=1e-9)
     assert report["tumors"]["total_volume_ml"] == pytest.approx((labels == 14).sum() * voxel_ml)
-    assert report["cascade"]["roi"]["found"] in (True, False)
     png = tmp_path / "abdomen_ct_dicom_preview.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -160,5 +172,9 @@ def test_readme_main_job_runs_with_the_shipped_demo_weights(real_ct, real_organs
     report = json.loads((out / "abdomen_ct_3mm_report.json").read_text())
     assert {stage["weights_kind"] for stage in report["cascade"]["stages"].values()} == {"demo"}
     labels, truth = np.asarray(mask.dataobj), np.asarray(nib.load(real_organs).dataobj)
+    # stage 1 finds the abdomen: every organ voxel of the CT inside the region of interest, which crops
+    roi = report["cascade"]["roi"]
+    assert roi["found"] and roi_coverage(truth, image.affine, roi["start_voxel"], roi["end_voxel"]) == 1.0, roi
+    assert np.prod(np.subtract(roi["end_voxel"], roi["start_voxel"])) < 0.6 * truth.size, roi  # 0.34 measured
     dsc = {c: 2 * ((labels == c) & (truth == c)).sum() / ((labels == c).sum() + (truth == c).sum()) for c in (1, 2, 3, 13)}
     assert dsc[1] > 0.85 and min(dsc.values()) > 0.8, dsc

@@ -129,3 +129,27 @@ def test_gpu_memory_sampled_with_nvml():
     assert result["gpu_auc_mb_s"] <= result["gpu_max_mb"] * result["gpu_samples"] * 0.1 + 1e-6
     if cuda.stdout.strip() == "True":
         assert result["gpu_max_mb"] >= baseline + 1024  # the 1 GiB tensor, plus the CUDA context
+
+
+class _TraceGPU(NvmlMemory):
+    """A made-up device-memory trace in place of NVML: 100, 400, 900, ... MB, one value a sample."""
+
+    def __init__(self):  # no NVML: the samples come from the trace
+        self.samples: list[float] = []
+
+    def used_mb(self) -> float:
+        self.samples.append(100.0 * (len(self.samples) + 1) ** 2)
+        return self.samples[-1]
+
+    def close(self) -> None:
+        pass
+
+
+def test_gpu_auc_is_the_sum_of_samples_times_the_poll_interval():
+    """FLARE's area under the GPU memory curve: sum of the 0.1 s samples x 0.1 s, and the maximum
+    sample, on a made-up trace (whatever number of samples the run's length gives)."""
+    trace = _TraceGPU()
+    result = measure_command(_python("import time; time.sleep(0.5)"), gpu=trace, poll_interval=0.1)
+    assert result["gpu_samples"] == len(trace.samples) >= 2
+    assert result["gpu_auc_mb_s"] == pytest.approx(0.1 * sum(trace.samples), rel=1e-12)
+    assert result["gpu_max_mb"] == max(trace.samples) == trace.samples[-1]
