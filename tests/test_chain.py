@@ -124,7 +124,8 @@ def test_stmt_segment_trained_weights_on_the_shipped_ct(journey, real_ct, tmp_pa
 @pytest.mark.slow
 def test_stage_bundles_own_inference_on_the_chain_weights(journey, real_ct, tmp_path):
     """Each stage bundle's inference workflow (``python -m monai.bundle run``), with the record
-    beside its weights as ``--args_file`` and no size given; stage 2 on stage 1's mask."""
+    beside its weights as ``--args_file`` and no size given; stage 2 on stage 1's mask; stage 1's
+    evaluation workflow likewise."""
     from stmt_monai.bundle import run_workflow
 
     bundles = journey["work"] / "bundles"
@@ -141,6 +142,13 @@ def test_stage_bundles_own_inference_on_the_chain_weights(journey, real_ct, tmp_
         )
         mask = nib.load(outputs[name] / "case.nii.gz")
         assert mask.shape == ct.shape and np.allclose(mask.affine, ct.affine), name
+    # and the evaluation workflow (over train.json) scores the same weights on the validation cases
+    bundle = bundles / "coarse_abdomen"
+    run_workflow(
+        bundle, "evaluate", {"prepared_dir": journey["work"] / "prepared", "output_dir": tmp_path / "eval", "num_workers": 0, "device": "cpu"},
+        log_file=tmp_path / "evaluate.log", threads=1, args_file=record_path(bundle / "models" / "model.pt"),
+    )
+    assert "val_mean_dice" in (tmp_path / "eval" / "metrics.csv").read_text()
 
 
 def test_per_step_overrides_and_settings(tmp_path):
@@ -154,3 +162,14 @@ def test_per_step_overrides_and_settings(tmp_path):
         Chain(tmp_path, tmp_path / "work", overrides={"organ.max_epochs": 5})
     table = summary_table([{"step": "stage1", "status": "ran", "seconds": 12.3, "best_val_dice": 0.5, "weights": "w/model.pt"}])
     assert table.splitlines()[2].split() == ["stage1", "ran", "12", "s", "0.5000", "w/model.pt"]
+
+
+def test_unknown_override_is_refused_in_one_line(small_cohort, tmp_path, capsys):
+    from stmt_monai.cli import train_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--data_root", str(small_cohort), "--work_dir", str(tmp_path / "work"), "--max_epoch", "3", "--stage1.spatial_sise", "[32,32,32]"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "stmt-train: --max_epoch --stage1.spatial_sise: no such config id in the bundles' workflows (a typo?); see each bundle's docs/README.md"
+    assert not (tmp_path / "work" / "chain").exists()  # nothing ran

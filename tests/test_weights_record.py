@@ -137,3 +137,21 @@ def test_train_configs_record_the_network_keys():
         assert config["validate"]["best_checkpoint"]["record"] == {k: f"@{k}" for k in NETWORK_KEYS}
     teacher = json.loads((BUNDLES / "organ_selftrain" / "configs" / "train_teacher.json").read_text())
     assert set(teacher["validate"]["best_checkpoint"]["record"]) >= {"teacher_kind", "teacher_roi_size", "teacher_spacing_mm"}
+
+
+def test_resume_with_another_network_fails_in_one_line(tmp_path):
+    """A training resumed with other network keys than the run that saved its state: one line
+    naming the checkpoint and the differing tensors, not PyTorch's dump."""
+    import pytest
+
+    from stmt_monai.networks import WeightsMismatch
+    from stmt_monai.training.handlers import ResumableCheckpoint
+
+    engine = Engine(lambda e, b: None)
+    ResumableCheckpoint(tmp_path, {"network": res_unet(1, 2, base_channels=4, num_downsamplings=2, input_size=[16, 16, 16])}).save(engine)
+    resumed = ResumableCheckpoint(tmp_path, {"network": res_unet(1, 2, base_channels=8, num_downsamplings=2, input_size=[16, 16, 16])})
+    with pytest.raises(WeightsMismatch) as info:
+        resumed.load(engine)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'checkpoint_last.pt'}: the training state of an earlier run does not fit")
+    assert "network: " in message and "tensors of another shape" in message and "delete it to train afresh" in message

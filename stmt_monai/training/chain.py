@@ -243,6 +243,22 @@ class Chain:
         parser = workflow_parser(self.bundle_root(step), step.workflow, self.overrides(step))
         return Path(parser.get_parsed_content("train#checkpoint#save_dir")) / parser.get("train#checkpoint#filename", "checkpoint_last.pt")
 
+    def check_overrides(self) -> None:
+        """Refuse an override that no step's config defines (a typo would otherwise be ignored).
+
+        Raises:
+            ValueError: one line naming the unknown ``--key`` options.
+        """
+        known: dict[str, set] = {}
+        for step in STEPS:
+            if step.bundle is not None:
+                parser = workflow_parser(self.bundle_root(step), step.workflow)
+                known[step.name] = {key for key in {*self.shared, *self.per_step[step.name]} if key in parser}
+        unknown = [f"--{key}" for key in self.shared if not any(key in ids for ids in known.values())]
+        unknown += [f"--{step}.{key}" for step, keys in self.per_step.items() for key in keys if key not in known.get(step, ())]
+        if unknown:
+            raise ValueError(f"{' '.join(unknown)}: no such config id in the bundles' workflows (a typo?); see each bundle's docs/README.md")
+
     # ------------------------------------------------------------------ state
     def state_file(self, step: Step) -> Path:
         return self.state_dir / f"{step.name}.json"
@@ -285,6 +301,7 @@ class Chain:
         self.work.mkdir(parents=True, exist_ok=True)
         if self.bundles != self.source:
             copy_bundles(self.source, self.bundles)
+        self.check_overrides()
         self.say(f"work folder {self.work}; bundles {self.bundles}; logs {self.logs}")
         rows = []
         for step in STEPS:

@@ -149,7 +149,12 @@ class ResumableCheckpoint:
                     f"{self.path} is unreadable: resuming from the previous checkpoint {candidate} "
                     f"(up to {self.save_interval} more epoch(s) are trained again)"
                 )
-            CheckpointLoader(str(candidate), self.save_dict, map_location=self.map_location, strict=True)(engine)
+            try:
+                CheckpointLoader(str(candidate), self.save_dict, map_location=self.map_location, strict=True)(engine)
+            except RuntimeError as err:
+                if "state_dict" not in str(err):
+                    raise
+                raise WeightsMismatch(self._mismatch(candidate)) from None
             break
         else:
             raise RuntimeError(f"no readable checkpoint to resume from ({'; '.join(problems)}); delete them to train from scratch")
@@ -160,6 +165,20 @@ class ResumableCheckpoint:
                 f"{self.path}: training already finished (epoch {engine.state.epoch} of {engine.state.max_epochs}); "
                 "nothing to train. Delete it to train again from scratch"
             )
+
+    def _mismatch(self, checkpoint: Path) -> str:
+        """One line: which networks of ``save_dict`` the saved state does not fit, and how."""
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        problems = []
+        for name, obj in self.save_dict.items():
+            if isinstance(obj, torch.nn.Module) and isinstance(saved.get(name), Mapping):
+                problem = describe_mismatch(_state_dict(obj), saved[name])
+                if problem:
+                    problems.append(f"{name}: {problem}")
+        return (
+            f"{checkpoint}: the training state of an earlier run does not fit this run's network ({'; '.join(problems) or 'other keys'}); "
+            "give the network keys that run was given, or delete it to train afresh"
+        )
 
     def save(self, engine: Engine) -> None:
         if self._saved_at == engine.state.iteration:
