@@ -1,29 +1,38 @@
-"""Time and peak memory of the whole cascade per case, as FLARE measures it (not a test).
+"""Time, CPU time and peak memory of the whole cascade per case, as FLARE measures it (not a test).
 
-    python benchmarks/cascade_speed.py --threads 2                       # paper-size networks, torch
-    python benchmarks/cascade_speed.py --threads 2 --backends torch,openvino
-    python benchmarks/cascade_speed.py --slices 300 --repeats 1          # quicker
+    python benchmarks/cascade_speed.py                      # the issue's table: 512 x 512 x 300 and x 600,
+                                                            # torch fp32, OpenVINO f32, default, int8; paper-size networks
+    python benchmarks/cascade_speed.py --quick              # the same end to end at toy size (about a minute)
+    python benchmarks/cascade_speed.py --configs default,int8 --slices 300 --output rows.json
 
-Cases: the shipped real CT (122 x 101 x 112, 3 mm) resampled (trilinear) to 512 x 512 x N
-(N = 300 and 600 by default; same field of view, so about 0.7 x 0.6 x 1.1 mm at N = 300),
-written as int16 NIfTI into ``--work_dir`` once. Networks: the paper's sizes (student Res-UNet,
-16 base channels, 5 down-samplings; 128^3 stage 1, 192^3 stage 2), from copies of the three
-stage bundles' configs with random weights (timing does not depend on the weights; the region
-of interest does a little: the report gives the box each run used).
+What it prints, in one run:
 
-Each run is one new process (``python -m stmt_monai.cli CASE OUT --overwrite``), so the time
-includes start-up, imports, model loading, reading, the three networks, post-processing,
-restore, writing the mask and the report, as FLARE's "running time per case" does. Peak RSS
-is the child's ``ru_maxrss`` and CPU time its user + system time (``os.wait4``). The per-step split comes from the case's report.
-OpenVINO runs are preceded by one untimed run that converts and caches the IR (its cost is
-printed), as a deployment would do once.
+- the machine: CPU model, its SIMD flags that matter (AVX2, AVX-512, VNNI, BF16, AMX), OpenVINO's
+  ``OPTIMIZATION_CAPABILITIES`` and the precision ``--precision auto`` picks on it;
+- one-time costs: the int8 export (NNCF calibration, :func:`stmt_monai.inference.export.export_int8`)
+  and each configuration's first run (OpenVINO IR conversion and compilation, cached on disk);
+- per case size and configuration: the whole process's wall time (one new ``stmt-segment``
+  process per case: start-up, imports, model loading, reading, the three networks,
+  post-processing, restore, writing the mask and the report, as FLARE's "running time per case"),
+  its CPU time (user + system) and peak RSS (``os.wait4``), the per-case time in a batch (one
+  process segmenting ``--batch`` copies of the case; the time between consecutive cases once
+  running) and the step split (start-up = wall time - model loading - the case's steps);
+- agreement of each configuration's label map with torch fp32 on the same case (share of equal
+  voxels, over the whole volume and over the voxels either labels), at paper size: bf16 / int8
+  against fp32.
+
+Cases: the shipped real CT (122 x 101 x 112, 3 mm) resampled (trilinear) to 512 x 512 x N (same
+field of view), int16 NIfTI, written into ``--work_dir`` once. Networks: the paper's sizes
+(student Res-UNet, 16 base channels, 5 down-samplings; 128^3 stage 1, 192^3 stage 2), copies of
+the three stage bundles' configs with random weights (timing does not depend on the weights; the
+region of interest does a little: the rows give the box each run used). ``--quick``: 96 x 96 x N
+cases and the reduced demo networks (8 channels, 4 down-samplings, 48^3 / 64^3), random weights.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -32,129 +41,240 @@ from pathlib import Path
 
 import fire
 import numpy as np
-import torch
+
+from stmt_monai.evaluation.efficiency import measure_command
+from stmt_monai.inference.backends import cpu_flags, cpu_model, cpu_precision, openvino_available
+from stmt_monai.inference.bundles import STAGE_BUNDLES, random_weights
+from stmt_monai.io import load_image, load_label, save_nifti
+from stmt_monai.preprocessing.fingerprint import foreground_fingerprint
+from stmt_monai.preprocessing.geometry import resize_linear
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
-from stmt_monai.inference.bundles import STAGE_BUNDLES, random_weights
-from stmt_monai.io import load_image, save_nifti  # noqa: E402
-from stmt_monai.preprocessing.fingerprint import foreground_fingerprint
-from stmt_monai.preprocessing.geometry import resize
-
 EXAMPLE = REPO / "stmt_monai" / "example_data"
 CT, ORGANS = EXAMPLE / "abdomen_ct_3mm.nii.gz", EXAMPLE / "abdomen_ct_3mm_organs.nii.gz"
+#: configuration -> stmt-segment arguments
+CONFIGS = {
+    "torch fp32": ["--backend", "torch"],
+    "openvino f32": ["--backend", "openvino", "--precision", "f32"],
+    "default": [],
+    "int8": ["--backend", "openvino", "--precision", "int8"],
+}
+#: CPU flags that decide the OpenVINO precision and speed
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+#: the case's steps in the report (``cascade.timings_s``), in order, then the report and exit
+STEPS = ("read", "stage1", "stage2_input", "organ", "tumor", "restore", "write", "report_and_exit")
 
 
-def make_case(work_dir: Path, slices: int) -> Path:
-    """The real CT resampled to 512 x 512 x ``slices`` (int16 NIfTI, same field of view)."""
-    path = work_dir / "cases" / f"ct512x512x{slices}_0000.nii.gz"
-    if path.exists():
-        return path
-    image, affine = load_image(CT)
-    size = (512, 512, slices)
-    resampled = resize(torch.from_numpy(image)[None], size, "trilinear")[0].round().clamp(-1024, 3071).to(torch.int16).numpy()
-    scale = np.asarray(image.shape, float) / np.asarray(size, float)
-    new_affine = affine.copy()
-    new_affine[:3, :3] = affine[:3, :3] * scale
-    # keep the field of view: voxel corners stay where they were
-    new_affine[:3, 3] = affine[:3, :3] @ (0.5 * scale - 0.5) + affine[:3, 3]
-    save_nifti(path, resampled, new_affine)
+def machine() -> dict:
+    """CPU model, cores, the flags of :data:`FLAGS` it has, OpenVINO's version, its CPU
+    ``OPTIMIZATION_CAPABILITIES`` and the precision ``--precision auto`` picks."""
+    flags = cpu_flags()
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "flags": [f for f in FLAGS if f in flags]}
+    if openvino_available():
+        import openvino as ov
+
+        capabilities = list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        info.update(openvino=ov.__version__, openvino_capabilities=capabilities, auto_precision=cpu_precision(capabilities, flags))
+    return info
+
+
+def make_case(work_dir: Path, slices: int, side: int = 512) -> Path:
+    """The real CT resampled to ``side`` x ``side`` x ``slices`` (int16 NIfTI, same field of view)."""
+    path = work_dir / "cases" / f"ct{side}x{side}x{slices}_0000.nii.gz"
+    if not path.exists():
+        image, affine = load_image(CT)
+        size = (side, side, slices)
+        resampled = np.clip(np.round(resize_linear(image, size)), -1024, 3071).astype(np.int16)
+        scale = np.asarray(image.shape, float) / np.asarray(size, float)
+        new_affine = affine.copy()
+        new_affine[:3, :3] = affine[:3, :3] * scale
+        new_affine[:3, 3] = affine[:3, :3] @ (0.5 * scale - 0.5) + affine[:3, 3]  # the field of view's corners stay
+        save_nifti(path, resampled, new_affine)
     return path
 
 
-def make_bundles(work_dir: Path) -> Path:
-    """Copies of the stage bundles' configs (paper sizes) with random weights."""
-    dest = work_dir / "bundles"
-    if all((dest / name / "models" / "model.pt").exists() for name in STAGE_BUNDLES.values()):
-        return dest
-    fingerprint = foreground_fingerprint([(CT, ORGANS)])
-    for seed, name in enumerate(STAGE_BUNDLES.values()):
-        shutil.rmtree(dest / name, ignore_errors=True)
-        shutil.copytree(REPO / "bundles" / name / "configs", dest / name / "configs", ignore=shutil.ignore_patterns("demo.json"))
-        random_weights(dest / name, fingerprint, weights="trained", seed=seed)
-    return dest
+def make_bundles(work_dir: Path, quick: bool = False) -> tuple[Path, str]:
+    """Copies of the stage bundles' configs with random weights: the paper's sizes (``trained``),
+    or with ``quick`` the reduced demo networks (``demo``). Returns the folder and the weights kind."""
+    dest, weights = work_dir / "bundles", "demo" if quick else "trained"
+    model = "models/demo/model.pt" if quick else "models/model.pt"
+    if not all((dest / name / model).exists() for name in STAGE_BUNDLES.values()):
+        fingerprint = foreground_fingerprint([(CT, ORGANS)])
+        for seed, name in enumerate(STAGE_BUNDLES.values()):
+            shutil.rmtree(dest / name, ignore_errors=True)
+            ignore = None if quick else shutil.ignore_patterns("demo.json")
+            shutil.copytree(REPO / "bundles" / name / "configs", dest / name / "configs", ignore=ignore)
+            random_weights(dest / name, fingerprint, weights=weights, seed=seed)
+    return dest, weights
 
 
-def run_case(case: Path, out: Path, bundles: Path, threads: int, backend: str, env: dict, device: str = "cpu") -> dict:
-    """One process segmenting one case: wall time, peak RSS, the report's step times."""
-    command = [sys.executable, "-m", "stmt_monai.cli", str(case), str(out), "--bundles_dir", str(bundles),
-               "--threads", str(threads), "--backend", backend, "--device", device, "--overwrite", "--progress", "False"]
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    log = proc.stdout.read().decode(errors="replace")
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{log[-3000:]}")
-    report = json.loads((out / f"{case.name[:-12]}_report.json").read_text())
+def _segment_command(inputs: Path, out: Path, bundles: Path, weights: str, threads: int, args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "stmt_monai.cli", str(inputs), str(out), "--bundles_dir", str(bundles), "--weights", weights,
+            "--threads", str(threads), "--overwrite", "--progress", "False", *args]  # fmt: skip
+
+
+def run_case(case: Path, out: Path, bundles: Path, weights: str, threads: int, args: list[str], env: dict) -> dict:
+    """One new process segmenting one case (:func:`stmt_monai.evaluation.efficiency.measure_command`):
+    wall and CPU time, peak RSS, the report's step times (start-up = wall - load - steps), the
+    box, the backend and precision that ran, the mask."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / f"{case.name}.log"
+    measured = measure_command(_segment_command(case, out, bundles, weights, threads, args), gpu=False, log_path=log, env=env)
+    if measured["returncode"]:
+        raise RuntimeError(f"stmt-segment {case} {' '.join(args)} failed:\n{log.read_text(errors='replace')[-3000:]}")
+    name = case.name[: -len("_0000.nii.gz")]
+    cascade = json.loads((out / f"{name}_report.json").read_text())["cascade"]
+    steps = {"load_models": cascade["load_seconds"], **cascade["timings_s"]}
+    # stmt-segment records its start-up (Python, imports) before loading; the rest of the wall
+    # time is the report, written after its own timings, and the process's exit
+    start_up = cascade.get("start_up_seconds")
+    rest = measured["wall_s"] - sum(steps.values())
+    steps["start_up"] = rest if start_up is None else start_up
+    steps["report_and_exit"] = 0.0 if start_up is None else max(rest - start_up, 0.0)
     return {
-        "wall_s": wall,
-        "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,  # ru_maxrss is in KiB on Linux
-        "steps_s": {"load_models": report["cascade"]["load_seconds"], **report["cascade"]["timings_s"]},
-        "roi": [report["cascade"]["roi"]["start_voxel"], report["cascade"]["roi"]["end_voxel"]],
+        "wall_s": measured["wall_s"],
+        "cpu_s": measured["cpu_s"],
+        # the process tree's resident memory sampled every 0.1 s (as FLARE samples); the kernel's
+        # high-water mark would count this benchmark's own memory at the fork (over 1 GB here)
+        "peak_rss_gb": measured["peak_rss_mb"] * 2**20 / 1e9,
+        "steps_s": steps,
+        "roi": [cascade["roi"]["start_voxel"], cascade["roi"]["end_voxel"]],
+        "backend": cascade["backend"],
+        "precision": cascade["precision"],
+        "mask": str(out / f"{name}.nii.gz"),
     }
+
+
+def run_batch(case: Path, batch: int, work_dir: Path, bundles: Path, weights: str, threads: int, args: list[str], env: dict) -> float:
+    """Seconds per case once a process runs: one process segments ``batch`` copies of the case;
+    the time between its first and last mask, over ``batch - 1``."""
+    inputs, out = work_dir / "batch" / f"in_{case.name}", work_dir / "batch" / "out"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for i in range(batch):
+        copy = inputs / f"copy{i}_0000.nii.gz"
+        if not copy.exists():
+            shutil.copyfile(case, copy)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    log = out.parent / "batch.log"
+    measured = measure_command(_segment_command(inputs, out, bundles, weights, threads, args), gpu=False, log_path=log, env=env)
+    if measured["returncode"]:
+        raise RuntimeError(f"stmt-segment batch {' '.join(args)} failed:\n{log.read_text(errors='replace')[-3000:]}")
+    written = sorted(p.stat().st_mtime for p in out.glob("copy*.nii.gz"))
+    return (written[-1] - written[0]) / (len(written) - 1)
+
+
+def agreement(mask: str | Path, reference: str | Path) -> dict:
+    """Share of equal voxels of two label maps: over the whole volume and over the voxels that
+    either labels (> 0)."""
+    a, _ = load_label(mask)
+    b, _ = load_label(reference, a.shape)
+    labelled = (a > 0) | (b > 0)
+    return {"all_voxels": float((a == b).mean()), "labelled_voxels": float((a == b)[labelled].mean()) if labelled.any() else 1.0}
 
 
 def main(
     work_dir: str = "/tmp/stmt_cascade_speed",
     slices: str | int | tuple = (300, 600),
+    configs: str | tuple = tuple(CONFIGS),
     threads: int = 2,
-    backends: str | tuple = "torch",
     repeats: int = 1,
-    omp_passive: bool = False,
-    device: str = "cpu",
+    batch: int = 3,
+    quick: bool = False,
     output: str | None = None,
 ) -> list[dict]:
-    """Run the benchmark and print a markdown table.
+    """Run the benchmark and print the machine, the one-time costs and a markdown table.
 
     Args:
-        work_dir: cases, bundles, outputs and the OpenVINO cache go here (kept between runs).
-        slices: slice counts of the 512 x 512 x N cases.
-        threads: CPU threads (``--threads`` of stmt-segment; also OMP/MKL thread variables).
-        backends: ``torch`` and/or ``openvino``, comma-separated.
-        repeats: timed runs per case and backend (the table shows the median time, max RSS).
-        omp_passive: ``OMP_WAIT_POLICY=PASSIVE``: idle OpenMP threads sleep instead of spinning,
-            so the CPU time measures work even on a machine shared with other jobs (where the
-            wall time does not).
-        device: ``cpu`` or ``cuda`` (stmt-segment's ``--device``).
+        work_dir: cases, bundles, outputs, the int8 models and the OpenVINO cache (kept between runs).
+        slices: slice counts of the 512 x 512 x N cases (``--quick``: 96 x 96 x N; default 40, 60).
+        configs: comma-separated names of :data:`CONFIGS`.
+        threads: CPU threads (``--threads`` of stmt-segment; also OMP / MKL thread variables).
+        repeats: timed single-case processes per case and configuration (median time, max RSS).
+        batch: cases in the batch run (its per-case time); 0 skips it.
+        quick: toy size end to end: 96 x 96 x N cases and the reduced demo networks.
         output: also write the rows as JSON here.
     """
-    work = Path(work_dir)
+    work = Path(work_dir) / ("quick" if quick else "paper")
+    work.mkdir(parents=True, exist_ok=True)
+    if quick and slices == (300, 600):
+        slices = (40, 60)
     slices = [int(s) for s in (slices.split(",") if isinstance(slices, str) else np.atleast_1d(slices))]
-    backends = backends.split(",") if isinstance(backends, str) else list(backends)
+    configs = configs.split(",") if isinstance(configs, str) else list(configs)
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        raise ValueError(f"unknown configs {sorted(unknown)}; choose from {list(CONFIGS)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "STMT_MONAI_CACHE": str(work / "cache")}
-    if omp_passive:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
-    bundles = make_bundles(work)
+    os.environ["STMT_MONAI_CACHE"] = env["STMT_MONAI_CACHE"]  # the int8 export below uses the same cache
+    info = machine()
+    print("machine:", json.dumps(info), flush=True)
+    bundles, weights = make_bundles(work, quick)
+    one_time = {}
+    if "int8" in configs:
+        start = time.perf_counter()
+        calibration = 1 if quick else 3
+        # in a child process: this one stays small (the child processes' memory starts from it)
+        code = "import sys; from stmt_monai.inference.export import export_int8; export_int8(sys.argv[1], sys.argv[2], threads=int(sys.argv[3]), num_cases=int(sys.argv[4]))"
+        exported = subprocess.run([sys.executable, "-c", code, str(bundles), weights, str(threads), str(calibration)], env=env)
+        one_time[f"int8 export (NNCF, calibrated on the shipped CT + {calibration} generated cases)"] = time.perf_counter() - start
+        if exported.returncode:  # the other rows still come
+            print(f"int8 export failed (exit {exported.returncode}, its output above): no int8 rows", flush=True)
+            configs.remove("int8")
     rows = []
     for n in slices:
-        case = make_case(work, n)
-        for backend in backends:
-            if backend == "openvino":
+        case = make_case(work, n, side=96 if quick else 512)
+        label = f"{96 if quick else 512} x {96 if quick else 512} x {n}"
+        masks = {}
+        for config in configs:
+            args = CONFIGS[config]
+            out = work / "out" / config.replace(" ", "_")
+            if n == slices[0]:  # first run: converts and compiles once (cached), as a deployment does once
                 start = time.perf_counter()
-                run_case(case, work / "out", bundles, threads, backend, env, device)
-                print(f"openvino warm-up (IR conversion, once per weights; cached): {time.perf_counter() - start:.1f} s", flush=True)
-            runs = [run_case(case, work / "out", bundles, threads, backend, env, device) for _ in range(repeats)]
+                run_case(case, out, bundles, weights, threads, args, env)
+                one_time[f"{config}: first run (conversion, compilation; cached)"] = time.perf_counter() - start
+            runs = [run_case(case, out, bundles, weights, threads, args, env) for _ in range(repeats)]
+            masks[config] = runs[-1]["mask"]
             row = {
-                "case": f"512 x 512 x {n}",
-                "backend": backend,
+                "case": label,
+                "config": config,
+                "backend": runs[-1]["backend"],
+                "precision": runs[-1]["precision"],
                 "wall_s": float(np.median([r["wall_s"] for r in runs])),
                 "cpu_s": float(np.median([r["cpu_s"] for r in runs])),
                 "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
-                "runs": runs,
+                "batch_per_case_s": run_batch(case, batch, work, bundles, weights, threads, args, env) if batch > 1 else None,
+                "steps_s": runs[-1]["steps_s"],
+                "roi": runs[-1]["roi"],
             }
+            # keep the mask: the agreement is measured against the fp32 one once all have run
+            kept = work / "masks" / f"{n}_{config.replace(' ', '_')}.nii.gz"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(masks[config], kept)
+            masks[config] = str(kept)
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "runs"}), json.dumps(runs[-1]["steps_s"]), flush=True)
-    where = f"CPU ({platform.processor() or platform.machine()}), {threads} threads, load average {os.getloadavg()[0]:.1f} at the end"
-    if device.startswith("cuda"):
-        where = f"{torch.cuda.get_device_name(0)}, {threads} CPU threads"
-    print("\n| case | backend | time per case (s) | CPU time (s) | peak RSS (GB) | device |\n| --- | --- | --- | --- | --- | --- |")
+            print(json.dumps({k: v for k, v in row.items() if k != "steps_s"}), json.dumps({k: round(v, 2) for k, v in row["steps_s"].items()}), flush=True)
+        reference = masks.get("torch fp32") or masks.get("openvino f32")
+        for row in rows[-len(configs) :]:
+            if reference is not None:
+                row["agreement_with_fp32"] = agreement(masks[row["config"]], reference)
+    print("\nmachine:", info["cpu"], f"({info['cores']} cores; flags {', '.join(info['flags']) or 'none of ' + ', '.join(FLAGS)});",
+          f"OpenVINO {info.get('openvino', 'not installed')} capabilities {info.get('openvino_capabilities')}, auto precision {info.get('auto_precision')};",
+          f"{threads} threads; load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print("one-time costs:", "; ".join(f"{k} {v:.1f} s" for k, v in one_time.items()))
+    header = ["case", "config", "backend / precision", "whole process (s)", "CPU (s)", "peak RSS (GB)", "per case in a batch (s)",
+              "equal voxels vs fp32 (all / labelled)", "start-up", "load", *STEPS]  # fmt: skip
+    print("\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for row in rows:
-        print(f"| {row['case']} | {row['backend']} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | {row['peak_rss_gb']:.2f} | {where} |")
+        agree = row.get("agreement_with_fp32")
+        cells = [
+            row["case"], row["config"], f"{row['backend']} / {row['precision']}", f"{row['wall_s']:.1f}", f"{row['cpu_s']:.1f}",
+            f"{row['peak_rss_gb']:.2f}", "-" if row["batch_per_case_s"] is None else f"{row['batch_per_case_s']:.1f}",
+            "-" if agree is None else f"{100 * agree['all_voxels']:.3f} % / {100 * agree['labelled_voxels']:.2f} %",
+            f"{row['steps_s']['start_up']:.2f}", f"{row['steps_s']['load_models']:.2f}", *(f"{row['steps_s'].get(s, 0.0):.2f}" for s in STEPS),
+        ]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
     if output:
-        Path(output).write_text(json.dumps(rows, indent=1) + "\n")
+        Path(output).write_text(json.dumps({"machine": info, "one_time_s": one_time, "rows": rows}, indent=1) + "\n")
     return rows
 
 
