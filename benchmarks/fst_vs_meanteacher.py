@@ -10,14 +10,15 @@ The paper's Table 3 ablation (FST 46.69 vs mean teacher 52.08 tumor DSC) at CPU 
    truth in ``truth/``), triaged by ``stmt_monai.data.triage``;
 2. the organ pseudo labels that ``organ_selftrain`` would give as regions of interest are stood
    in for by the hidden truth's organs (``rois/``, an oracle organ student);
-3. each method is trained by the bundle's README train command with the same overrides, only
-   ``lambda_cpl`` (0 = FST) and the EMA warm-up differ; one validation at the last epoch, so
-   ``models/model.pt`` holds the last student and teacher (no selection on the small validation set);
+3. each method is trained by the bundle's train workflow (:func:`stmt_monai.bundle.run_workflow`,
+   the README's command) with the same overrides, only ``lambda_cpl`` (0 = FST) and the EMA
+   warm-up differ; one validation at the last epoch, so ``models/model.pt`` holds the last
+   student and teacher (no selection on the small validation set);
 4. the bundle's evaluate workflow (test split, each network) writes predictions, scored with the
-   FLARE rules (``stmt_monai.evaluation.metrics.flare_case_scores``: DSC, NSD at 2 mm, empty-empty = 1);
+   FLARE rules (:func:`stmt_monai.evaluation.scoring.evaluate_folder`: DSC, NSD at 2 mm, empty-empty = 1);
 5. the bundle's inference workflow segments the training cases that hold an unannotated tumor;
-   an unannotated tumor (a connected component of the truth's tumor with no annotated voxel) is
-   *detected* if the prediction overlaps it.
+   each tumor of the hidden truth is *detected* if the prediction overlaps it, annotated and
+   unannotated counted apart (:func:`stmt_monai.evaluation.lesions.lesion_detection`).
 
 Writes a markdown table (``--output``) and ``results.json`` in ``work_dir``.
 """
@@ -25,25 +26,21 @@ Writes a markdown table (``--output``) and ``results.json`` in ``work_dir``.
 from __future__ import annotations
 
 import json
-import os
-import re
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import fire
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout without installing
+from stmt_monai.bundle import epoch_seconds, run_workflow
+from stmt_monai.evaluation.lesions import detection_totals, lesion_detection
+from stmt_monai.evaluation.metrics import dice
+from stmt_monai.evaluation.scoring import evaluate_folder
+from stmt_monai.inference.bundles import default_bundles_dir
+from stmt_monai.io import load_label, save_label_map
+from stmt_monai.labels import TUMOR
 
-from stmt_monai.io import load_label, save_label_map  # noqa: E402
-from stmt_monai.labels import TUMOR  # noqa: E402
-
-BUNDLE = REPO / "bundles" / "tumor_meanteacher"
-CONFIGS = BUNDLE / "configs"
+BUNDLE = default_bundles_dir() / "tumor_meanteacher"
 #: method -> bundle overrides (everything else identical)
 METHODS = {
     "fst": {"lambda_cpl": "0", "inference_network": "student"},
@@ -56,43 +53,16 @@ METHODS = {
 }
 
 
-def readme_command(kind: str) -> list[str]:
-    """The first ``python -m monai.bundle run`` command of the bundle README using ``<kind>.json``."""
-    text = (BUNDLE / "docs" / "README.md").read_text()
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            args = shlex.split(line)
-            if args[:4] == ["python", "-m", "monai.bundle", "run"] and f"{kind}.json" in args[args.index("--config_file") + 1]:
-                return [sys.executable if a == "python" else a for a in args]
-    raise RuntimeError(f"no {kind} command in the bundle README")
-
-
-def run_bundle(kind: str, overrides: dict, log_path: Path, threads: int | None = None) -> str:
-    """Run the README's ``kind`` command with ``--key value`` overrides; the log is kept in ``log_path``.
+def run_bundle(workflow: str, overrides: dict, log_path: Path, threads: int | None = None) -> str:
+    """Run the bundle's ``workflow`` (:func:`stmt_monai.bundle.run_workflow`, the README's command)
+    with ``--key value`` overrides; its log, kept in ``log_path``.
 
     ``threads`` sets ``OMP_NUM_THREADS`` of the run: on a CPU shared with other jobs, one thread
     per process is several times faster than torch's default of one per core.
     """
-    args = readme_command(kind)
-    for key, value in overrides.items():
-        if f"--{key}" in args:
-            args[args.index(f"--{key}") + 1] = str(value)
-        else:
-            args += [f"--{key}", str(value)]
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w") as log:
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
-        proc = subprocess.run(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
-    text = log_path.read_text()
-    if proc.returncode:
-        raise RuntimeError(f"{kind} failed (see {log_path}):\n{text[-3000:]}")
-    return text
-
-
-def epoch_seconds(log: str) -> list[float]:
-    """Trainer epoch times from ignite's ``Epoch[k] Complete. Time taken: HH:MM:SS.fff`` lines."""
-    times = re.findall(r"MeanTeacherTrainer - INFO - Epoch\[\d+\] Complete\. Time taken: (\d+):(\d+):([\d.]+)", log)
-    return [int(h) * 3600 + int(m) * 60 + float(s) for h, m, s in times]
+    log_path.unlink(missing_ok=True)
+    run_workflow(BUNDLE, workflow, overrides, log_file=log_path, threads=threads)
+    return log_path.read_text()
 
 
 def make_data(
@@ -141,46 +111,30 @@ def make_data(
 
 
 def test_scores(pred_dir: Path, cohort: Path) -> dict:
-    """FLARE tumor DSC / NSD of every test prediction against the full test labels."""
-    from stmt_monai.evaluation.metrics import flare_case_scores
-
-    dsc, nsd = [], []
-    for truth_path in sorted((cohort / "test" / "labels").glob("*.nii.gz")):
-        truth, affine = load_label(truth_path)
-        pred, _ = load_label(pred_dir / truth_path.name)
-        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-        score = flare_case_scores(truth, pred, spacing, classes=(TUMOR,))[TUMOR]
-        dsc.append(score["dsc"])
-        nsd.append(score["nsd"])
+    """FLARE tumor DSC / NSD (:func:`stmt_monai.evaluation.scoring.evaluate_folder`) of every test
+    prediction against the full test labels: mean, SD of the DSC, cases."""
+    rows, _, problems = evaluate_folder(pred_dir, cohort / "test" / "labels", classes=TUMOR, progress=False)
+    if problems:
+        raise RuntimeError(f"{pred_dir}: not scored: {problems}")
+    dsc, nsd = [r["dsc"] for r in rows], [r["nsd"] for r in rows]
     return {"dsc": float(np.mean(dsc)), "dsc_sd": float(np.std(dsc)), "nsd": float(np.mean(nsd)), "cases": len(dsc)}
 
 
 def detection(pred_dir: Path, cohort: Path, names: list[str]) -> dict:
-    """Tumor components of the hidden truth, annotated or not, overlapped by the prediction; plus
-    the tumor DSC against the hidden truth and the predicted components that touch no true tumor
-    (so that a prediction of tumor everywhere does not pass for detection)."""
-    import cc3d
-
-    from stmt_monai.evaluation.metrics import dice
-
-    found = {"unannotated": [0, 0], "annotated": [0, 0]}
-    dsc, false_components = [], 0
+    """Tumors of the hidden truth, annotated or not, found by the prediction
+    (:func:`stmt_monai.evaluation.lesions.lesion_detection`, any overlap); the tumor DSC against the
+    hidden truth and the predicted components that touch no true tumor (so that a prediction of
+    tumor everywhere does not pass for detection)."""
+    cases, dsc = [], []
     for name in names:
-        truth, _ = load_label(cohort / "truth" / f"{name}.nii.gz")
+        truth, affine = load_label(cohort / "truth" / f"{name}.nii.gz")
         annotation, _ = load_label(cohort / "labelsTr" / f"{name}.nii.gz")
         pred, _ = load_label(pred_dir / f"{name}.nii.gz")
-        components = cc3d.connected_components(truth == TUMOR, connectivity=26)
-        for index in range(1, int(components.max()) + 1):
-            lesion = components == index
-            kind = "annotated" if (annotation[lesion] == TUMOR).any() else "unannotated"
-            found[kind][1] += 1
-            found[kind][0] += int((pred[lesion] == TUMOR).any())
-        predicted = cc3d.connected_components(pred == TUMOR, connectivity=26)
-        hit = set(np.unique(predicted[truth == TUMOR]).tolist()) - {0}
-        false_components += int(predicted.max()) - len(hit)
+        cases.append(lesion_detection(truth, pred, affine, annotation=annotation))
         dsc.append(dice(truth == TUMOR, pred == TUMOR))
-    result = {kind: {"detected": d, "total": n, "rate": d / n if n else float("nan")} for kind, (d, n) in found.items()}
-    result.update(dsc_vs_truth=float(np.mean(dsc)), false_components_per_case=false_components / max(len(names), 1))
+    totals = detection_totals(cases)
+    result = {kind: {"detected": totals[kind]["found"], "total": totals[kind]["total"], "rate": totals[kind]["rate"]} for kind in ("unannotated", "annotated")}
+    result.update(dsc_vs_truth=float(np.mean(dsc)), false_components_per_case=totals["false_components_per_case"])
     return result
 
 
@@ -243,7 +197,7 @@ def main(
         overrides = {**common, **dirs, **{k: chosen.get(v, v) for k, v in METHODS[method].items()}}
         start = time.perf_counter()
         log = run_bundle("train", {**overrides, "output_dir": out / "eval"}, out / "train.log", threads)
-        record = {"train_seconds": time.perf_counter() - start, "epoch_seconds": epoch_seconds(log), "networks": {}}
+        record = {"train_seconds": time.perf_counter() - start, "epoch_seconds": epoch_seconds(log, "MeanTeacherTrainer"), "networks": {}}
         for network in ("student", "teacher"):
             net_overrides = {**overrides, "inference_network": network}
             evaluate = {**net_overrides, "validation_key": "test", "output_dir": out / f"test_{network}"}

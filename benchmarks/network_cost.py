@@ -17,15 +17,12 @@ parameters; it does not say how it counted.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import fire
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, installed or not
 from stmt_monai.networks import count_parameters, forward_flops, res_unet, teacher_network, teacher_roi_size
 
 #: Table 2: total GFLOPs and batch size of the stage-1 / organ / tumor students

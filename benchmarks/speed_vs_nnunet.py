@@ -222,7 +222,7 @@ def make_case(work_dir: Path, shape: tuple[int, int, int] = CASE_SHAPE) -> tuple
         ``align_corners=False``), so the spacing is ``3 mm * old / new`` per axis.
     """
     from stmt_monai.io import load_image, load_label, save_nifti
-    from stmt_monai.preprocessing.geometry import resize
+    from stmt_monai.preprocessing.geometry import resample_to_shape
 
     work_dir.mkdir(parents=True, exist_ok=True)
     name = "x".join(str(s) for s in shape)
@@ -231,13 +231,9 @@ def make_case(work_dir: Path, shape: tuple[int, int, int] = CASE_SHAPE) -> tuple
         return ct_path, label_path
     ct, affine = load_image(EXAMPLE_CT)
     labels, _ = load_label(EXAMPLE_ORGANS, ct.shape, affine)
-    scale = np.asarray(ct.shape, float) / np.asarray(shape, float)
-    to_old = np.eye(4)
-    to_old[:3, :3] = np.diag(scale)
-    to_old[:3, 3] = (scale - 1) / 2  # new voxel centre i -> old voxel coordinate (i + 0.5) * s - 0.5
-    new_affine = affine @ to_old
-    save_nifti(ct_path, np.round(resize(ct, shape).numpy()).astype(np.int16), new_affine)
-    save_nifti(label_path, resize(np.asarray(labels, np.uint8), shape, mode="nearest").numpy(), new_affine, dtype=np.uint8)
+    resampled, new_affine = resample_to_shape(ct, affine, shape)
+    save_nifti(ct_path, np.round(resampled).astype(np.int16), new_affine)
+    save_nifti(label_path, resample_to_shape(labels, affine, shape, labels=True)[0], new_affine, dtype=np.uint8)
     return ct_path, label_path
 
 
@@ -303,25 +299,14 @@ def nnunet_totals(r: dict) -> dict[str, dict]:
     return out
 
 def paper_size_bundles(work_dir: Path) -> Path:
-    """Copies of the three stage bundles with random weights at the paper's sizes.
-
-    The configs are copied (``models/`` left out) into ``work_dir/bundles`` and
-    :func:`stmt_monai.inference.bundles.random_weights` writes each network's initial state there
-    (``weights="trained"``: ``common.json``'s sizes, 128^3 / 192^3, 16 base channels), so the
-    repository's ``bundles/`` is never written to.
-    """
-    import shutil
-
-    from stmt_monai.inference.bundles import STAGE_BUNDLES, random_weights
+    """Copies of the three stage bundles' configs with random weights at the paper's sizes
+    (:func:`stmt_monai.inference.bundles.random_weight_bundles`: ``common`` sizes, 128^3 / 192^3,
+    16 base channels) in ``work_dir/bundles``; the repository's ``bundles/`` is never written to."""
+    from stmt_monai.inference.bundles import random_weight_bundles
     from stmt_monai.preprocessing.fingerprint import Fingerprint
 
-    bundles = work_dir / "bundles"
     fingerprint = Fingerprint(lower=-1000.0, upper=1500.0, mean=60.0, std=180.0)  # typical CT numbers; timing only
-    for name in STAGE_BUNDLES.values():
-        shutil.rmtree(bundles / name, ignore_errors=True)
-        shutil.copytree(ROOT / "bundles" / name, bundles / name, ignore=shutil.ignore_patterns("models", "logs", "eval"))
-        random_weights(bundles / name, fingerprint, weights="trained")
-    return bundles
+    return random_weight_bundles(work_dir / "bundles", fingerprint)
 
 
 def _cascade_worker(config_file: str) -> None:
@@ -349,8 +334,9 @@ def run_cascade(ct_path: Path, work_dir: Path, threads: int) -> dict:
         ``{"total_s", "cpu_s", "load_s", "timings"}``: wall and CPU (user + system, all threads)
         seconds of the process, and the cascade's own step timings.
     """
-    import resource
     import shutil
+
+    from stmt_monai.evaluation.efficiency import measure_command
 
     bundles = paper_size_bundles(work_dir)
     out = work_dir / "cascade_out"
@@ -365,13 +351,11 @@ def run_cascade(ct_path: Path, work_dir: Path, threads: int) -> dict:
     config_file = work_dir / "cascade_config.json"
     config_file.write_text(json.dumps(config, indent=1))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run([sys.executable, str(Path(__file__).resolve()), "_cascade_worker", str(config_file)], check=True, env=env)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"total_s": wall, "cpu_s": cpu, **json.loads(Path(config["out_json"]).read_text())}
+    command = [sys.executable, str(Path(__file__).resolve()), "_cascade_worker", str(config_file)]
+    measured = measure_command(command, gpu=False, env=env)
+    if measured["returncode"]:
+        raise RuntimeError(f"the cascade worker exited with status {measured['returncode']}")
+    return {"total_s": measured["wall_s"], "cpu_s": measured["cpu_s"], **json.loads(Path(config["out_json"]).read_text())}
 
 
 # ----------------------------------------------------------------------------- report
@@ -506,10 +490,8 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "_nnunet_worker":  # nnU-Net's interpreter: no fire, no stmt_monai
         _nnunet_worker(sys.argv[2])
     elif len(sys.argv) == 3 and sys.argv[1] == "_cascade_worker":
-        sys.path.insert(0, str(ROOT))
         _cascade_worker(sys.argv[2])
     else:
         import fire
 
-        sys.path.insert(0, str(ROOT))  # run from a checkout, installed or not
         fire.Fire(main)

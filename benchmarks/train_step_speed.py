@@ -3,10 +3,12 @@
     python benchmarks/train_step_speed.py --device cuda            # a GPU (AMP, as the bundles do there)
     python benchmarks/train_step_speed.py --device cpu --steps 2 --workflows organ_student
 
-Each workflow is the bundles' own trainer, network, loss and optimiser (not a re-implementation)
-on in-memory random batches of the workflow's input size, so the figure is the network and
-engine cost per iteration without data loading (the bundles' loaders run in parallel worker
-processes):
+Each workflow's network, loss and optimiser are the bundle's own, built from its training config
+(:func:`stmt_monai.bundle.workflow_parser`: ``network`` / ``loss`` / ``optimizer``, the tumor
+bundle's ``ema`` and ``teacher``, the organ bundle's ``teacher`` / ``teacher_loss`` /
+``teacher_optimizer``), and so are the input and batch sizes; the trainer is the bundle's engine
+class on in-memory random batches, so the figure is the network and engine cost per iteration
+without data loading (the bundles' loaders run in parallel worker processes):
 
 - ``abdomen``: stage 1, ``SelfTrainingTrainer``, Res-UNet 16..320, 128^3, batch 2, 2 classes,
   the three streams' weighted Dice + CE;
@@ -33,20 +35,20 @@ from pathlib import Path
 import fire
 import torch
 from ignite.engine import Events
+from monai.engines import SupervisedTrainer
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout, installed or not
-from stmt_monai.networks import count_parameters, res_unet, teacher_network, teacher_roi_size  # noqa: E402
+from stmt_monai.bundle import workflow_parser
+from stmt_monai.inference.bundles import default_bundles_dir
+from stmt_monai.networks import count_parameters
 from stmt_monai.training.engines import MeanTeacherTrainer, SelfTrainingTrainer
-from stmt_monai.training.losses import ORGAN_STREAM_WEIGHTS, STREAMS, TUMOR_STREAM_WEIGHTS, WeightedStreamsLoss, dice_ce_loss
-from stmt_monai.training.mean_teacher import ema_teacher
+from stmt_monai.training.losses import STREAMS
 
-#: (input size, batch size, classes) of each workflow: the bundles' defaults (paper Table 2)
+#: bundle, workflow config, trainer and the config ids of network / loss / optimiser / sizes
 WORKFLOWS = {
-    "abdomen": ((128, 128, 128), 2, 2),
-    "organ_student": ((192, 192, 192), 3, 14),
-    "organ_teacher": (None, 2, 14),
-    "tumor_meanteacher": ((192, 192, 192), 2, 2),
+    "abdomen": ("coarse_abdomen", "train", SelfTrainingTrainer, "network", "loss", "optimizer", "spatial_size", "batch_size"),
+    "organ_student": ("organ_selftrain", "train", SelfTrainingTrainer, "network", "loss", "optimizer", "spatial_size", "batch_size"),
+    "organ_teacher": ("organ_selftrain", "train_teacher", SupervisedTrainer, "teacher", "teacher_loss", "teacher_optimizer", "teacher_roi_size", "teacher_batch_size"),
+    "tumor_meanteacher": ("tumor_meanteacher", "train", MeanTeacherTrainer, "network", "loss", "optimizer", "spatial_size", "batch_size"),
 }
 
 
@@ -65,44 +67,31 @@ def _batches(size, batch_size, classes, n, streams: bool):
     return out
 
 
-def _optimizer(network):
-    """The bundles' optimiser: SGD, Nesterov momentum 0.99, lr 0.01, weight decay 3e-5."""
-    return torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.99, nesterov=True, weight_decay=3e-5)
+def measure(workflow: str, device: torch.device, steps: int, warmup: int, teacher_kind: str, overrides: dict | None = None) -> dict:
+    """Median seconds per training iteration of one workflow (and its peak GPU memory on CUDA).
 
-
-def measure(workflow: str, device: torch.device, steps: int, warmup: int, teacher_kind: str) -> dict:
-    size, batch_size, classes = WORKFLOWS[workflow]
+    ``overrides`` go to the bundle's config (e.g. ``{"spatial_size": [64, 64, 64]}`` for a quick run).
+    """
+    bundle, config, trainer_cls, net_id, loss_id, optimizer_id, size_id, batch_id = WORKFLOWS[workflow]
     amp = device.type == "cuda"
-    kwargs = {}
-    if workflow == "organ_teacher":
-        size = tuple(teacher_roi_size(teacher_kind))
-        network = teacher_network(teacher_kind, in_channels=1, out_channels=classes).to(device)
-        trainer_cls, loss = None, dice_ce_loss()
-    else:
-        network = res_unet(in_channels=1, out_channels=classes, input_size=size).to(device)
-        if workflow == "tumor_meanteacher":
-            trainer_cls, loss = MeanTeacherTrainer, WeightedStreamsLoss(TUMOR_STREAM_WEIGHTS)
-            ema = ema_teacher(network)
-            kwargs["teacher"] = ema.ema_model
-        else:
-            trainer_cls, loss = SelfTrainingTrainer, WeightedStreamsLoss(ORGAN_STREAM_WEIGHTS)
+    parser = workflow_parser(default_bundles_dir() / bundle, config, {"device": device, "amp": amp, "teacher_kind": teacher_kind, **(overrides or {})})
+    network = parser.get_parsed_content(net_id)
+    size, batch_size = tuple(parser.get_parsed_content(size_id)), int(parser.get_parsed_content(batch_id))
+    classes = int(parser.get_parsed_content("out_channels"))
+    kwargs = {"teacher": parser.get_parsed_content("teacher")} if trainer_cls is MeanTeacherTrainer else {}
     data = _batches(size, batch_size, classes, warmup + steps, streams=trainer_cls is SelfTrainingTrainer)
-    if trainer_cls is None:
-        from monai.engines import SupervisedTrainer
-
-        trainer_cls = SupervisedTrainer
     trainer = trainer_cls(
         device=device,
         max_epochs=1,
         train_data_loader=data,
         network=network,
-        optimizer=_optimizer(network),
-        loss_function=loss,
+        optimizer=parser.get_parsed_content(optimizer_id),
+        loss_function=parser.get_parsed_content(loss_id),
         amp=amp,
         **kwargs,
     )
-    if workflow == "tumor_meanteacher":
-        ema.attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
+    if trainer_cls is MeanTeacherTrainer:
+        parser.get_parsed_content("ema").attach(trainer, name="ema_momentum", event=Events.ITERATION_COMPLETED)
     times: list[float] = []
     clock = {}
 

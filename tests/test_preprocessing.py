@@ -257,3 +257,20 @@ def test_roi_report_coverage_and_share_against_the_ideal_box(real_organs):
     report = roi_report(labels, affine, half)
     assert 0.2 < report["organs"] < 0.8 and report["roi_share_of_volume"] == pytest.approx(ideal / 2, rel=0.05)
     assert roi_report(np.where(labels == 14, 0, labels), affine, half)["tumor"] is None
+
+
+def test_resample_to_shape_keeps_the_field_of_view(real_ct, real_organs):
+    from stmt_monai.preprocessing.geometry import resample_to_shape
+
+    labels, affine = load_label(real_organs)
+    shape = tuple(2 * s for s in labels.shape)
+    resampled, new_affine = resample_to_shape(labels, affine, shape, labels=True)
+    assert resampled.shape == shape and resampled.dtype == labels.dtype
+    assert np.array_equal(resampled[::2, ::2, ::2], labels)  # each voxel became 2 x 2 x 2
+    for corner in ([-0.5, -0.5, -0.5], np.subtract(labels.shape, 0.5)):
+        new_corner = np.subtract(corner, -0.5) * 2 - 0.5
+        assert np.allclose(affine @ [*corner, 1], new_affine @ [*new_corner, 1])
+    image, image_affine = load_image(real_ct)
+    small, small_affine = resample_to_shape(image, image_affine, (61, 50, 56))
+    assert small.dtype == np.float32 and abs(float(small.mean()) - float(image.mean())) < 5  # HU
+    assert np.allclose(np.linalg.norm(small_affine[:3, :3], axis=0), np.linalg.norm(image_affine[:3, :3], axis=0) * np.divide(image.shape, (61, 50, 56)))

@@ -220,3 +220,41 @@ NETWORK_KEYS = ("spatial_size", "in_channels", "out_channels", "base_channels", 
 def network_record(parser) -> dict:
     """The :data:`NETWORK_KEYS` values of a parsed stage-bundle config (a weights record)."""
     return {key: parser.get_parsed_content(key) for key in NETWORK_KEYS if key in parser}
+
+
+def random_weight_bundles(
+    dest: str | os.PathLike,
+    fingerprint: Fingerprint,
+    weights: str = "trained",
+    settings: Mapping | None = None,
+    source: str | os.PathLike | None = None,
+) -> Path:
+    """Copies of the three stage bundles' configs with randomly initialised weights, for tests
+    and timing benchmarks (the weights do not change a network's cost; the repository's
+    ``bundles/`` is never written to).
+
+    Args:
+        dest: the folder that gets one sub-folder per stage bundle (a ``bundles_dir`` of the
+            cascade).
+        fingerprint: the intensity fingerprint written beside each network's weights.
+        weights: ``"trained"``: the configs' own networks (the paper's sizes); ``"demo"``: the
+            demo networks (each bundle's ``configs/demo.json``).
+        settings: network overrides (``base_channels``, ``spatial_size``, ...) written as every
+            bundle's ``configs/demo.json`` (:func:`write_demo_config`); implies ``"demo"``.
+        source: the folder of the bundles copied; default :func:`default_bundles_dir`.
+
+    Returns:
+        ``dest``.
+    """
+    import shutil
+
+    dest, source = Path(dest), Path(source) if source is not None else default_bundles_dir()
+    weights = "demo" if settings is not None else weights
+    for seed, name in enumerate(STAGE_BUNDLES.values()):
+        shutil.rmtree(dest / name, ignore_errors=True)
+        ignore = shutil.ignore_patterns(DEMO_CONFIG) if weights == "trained" else None
+        shutil.copytree(source / name / "configs", dest / name / "configs", ignore=ignore)
+        if settings is not None:
+            write_demo_config(dest / name, settings)
+        random_weights(dest / name, fingerprint, weights=weights, seed=seed)
+    return dest
