@@ -48,6 +48,8 @@ def segment(
     shard: str | None = None,
     amp: bool | None = None,
     precision: str = "auto",
+    strict: bool = False,
+    max_memory_gb: float | None = None,
 ) -> BatchResult:
     """Segment a CT file, a folder of CTs or a DICOM series folder into FLARE label maps.
 
@@ -72,6 +74,12 @@ def segment(
         precision: OpenVINO's: ``auto`` (bf16 where the CPU computes in bf16, else f32), ``f32``,
             ``bf16`` or ``int8`` (the NNCF models ``stmt-export BUNDLE --formats
             openvino_int8`` writes beside each bundle's weights).
+        strict: an input warning (not CT intensities, implausible spacing, non-finite voxels,
+            little or no abdomen in the field of view, DICOM slices filled or resampled, a
+            misnamed file format; ``docs/input_checks.md``) fails the case instead of being
+            logged and listed in the report's ``warnings``.
+        max_memory_gb: refuse, before reading, a case whose estimated peak memory exceeds this
+            (default: the memory available when the case starts).
 
     Returns:
         the :class:`~stmt_monai.inference.batch.BatchResult` (failed cases with their reasons).
@@ -79,12 +87,17 @@ def segment(
     start_up = _process_seconds()  # Python and the imports, before any model is read
     cascade = Cascade(bundles_dir, device=device, threads=threads, backend=backend, weights=weights, amp=amp, precision=precision)
     cascade.start_up_seconds = start_up
-    result = segment_folder(cascade, input, output_dir, overwrite=overwrite, preview=preview, progress=progress, shard=shard)
+    max_memory_bytes = None if max_memory_gb is None else int(float(max_memory_gb) * 1e9)
+    result = segment_folder(
+        cascade, input, output_dir, overwrite=overwrite, preview=preview, progress=progress, shard=shard, strict=strict, max_memory_bytes=max_memory_bytes
+    )
     print(
         f"stmt-segment: {len(result.written)} written, {len(result.skipped)} skipped (exist; --overwrite to redo), "
         f"{len(result.failed)} failed -> {os.path.abspath(output_dir)}",
         file=sys.stderr,
     )
+    if result.warnings:
+        print(f"stmt-segment: {len(result.warnings)} written with input warnings (in their reports' warnings; --strict fails them)", file=sys.stderr)
     for case, reason in result.failed:
         print(f"{case}: {reason}", file=sys.stderr)
     return result

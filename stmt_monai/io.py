@@ -9,7 +9,9 @@ is raised as :class:`ImageError`, whose message is one line naming the file.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -19,6 +21,8 @@ import nibabel as nib
 import numpy as np
 
 from stmt_monai.labels import LABELS
+
+logger = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
@@ -38,11 +42,34 @@ class ImageError(ValueError):
         return type(self), (self.path, self.problem)
 
 
+@dataclasses.dataclass(frozen=True)
+class InputWarning:
+    """Something doubtful about an input that still lets it be read and segmented.
+
+    Attributes:
+        kind: what it is about: ``"intensity"``, ``"spacing"``, ``"non_finite"``,
+            ``"field_of_view"``, ``"dicom"``, ``"itk"``, ``"file_format"``, ``"modality"``.
+        message: one line (the file is named by whoever shows it).
+    """
+
+    kind: str
+    message: str
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "message": self.message}
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def case_name(path: str | os.PathLike) -> str:
     """FLARE case name of an image path: ``FLARE23_0001_0000.nii.gz`` -> ``FLARE23_0001``.
 
-    A DICOM folder is named after the folder.
+    A DICOM folder is named after the folder; one series of a folder that holds several
+    (:class:`stmt_monai.dicom.DicomSeries`) has its own name.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        return str(path.name)  # a DicomSeries
     name = Path(path).name
     for suffix in NIFTI_SUFFIXES[::-1] + ITK_SUFFIXES:
         if name.endswith(suffix):
@@ -57,23 +84,6 @@ def _check_3d(path, array: np.ndarray) -> np.ndarray:
     if array.ndim != 3 or min(array.shape) < 2:
         raise ImageError(path, f"expected a 3D volume, got an array of shape {tuple(array.shape)}")
     return array
-
-
-def _read_dicom_series(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import SimpleITK as sitk
-
-    reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(path))
-    if not series:
-        raise ImageError(path, "folder holds no DICOM series")
-    # the series with most slices, if a folder holds several (scouts, reformats)
-    files = max((reader.GetGDCMSeriesFileNames(str(path), s) for s in series), key=len)
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise ImageError(path, f"unreadable DICOM series ({str(err).strip().splitlines()[-1]})") from None
-    return _from_sitk(image)
 
 
 def _from_sitk(image) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +111,25 @@ def _holds_dicom_series(folder: Path) -> bool:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
-def find_cases(input: str | os.PathLike, dicom: bool = True, allow_empty: bool = False) -> list[Path]:
+def _dicom_cases(folder: Path, each_series: bool) -> list:
+    """The DICOM cases of a folder's own files: none, the folder, or (``each_series``, several
+    series) each series of two or more images (:func:`stmt_monai.dicom.scan_folder`)."""
+    if not _holds_dicom_series(folder):
+        return []
+    if not each_series:
+        return [folder]
+    from stmt_monai.dicom import scan_folder
+
+    series = scan_folder(folder)
+    volumes = [s for s in series if len(s.files) > 1]
+    for single in (s for s in series if len(s.files) == 1):
+        logger.info("%s: not a case (a single image, not a volume)", single)
+    if len(volumes) <= 1:
+        return [folder] if volumes else []
+    return sorted(volumes, key=lambda s: s.name)
+
+
+def find_cases(input: str | os.PathLike, dicom: bool = True, allow_empty: bool = False, each_series: bool = False) -> list[Path]:
     """The cases of a file or folder: the one rule of the package for what a case is.
 
     - a file is one case (whatever its name; :func:`load_image` says whether it can be read);
@@ -110,13 +138,20 @@ def find_cases(input: str | os.PathLike, dicom: bool = True, allow_empty: bool =
       and, with ``dicom``, each sub-folder that holds a DICOM series; names starting with ``.``
       (hidden, e.g. the partial writes of :func:`atomic_path`) and other files are skipped.
 
+    A folder holding several DICOM series (as scanners export a study: several reconstructions,
+    phases, a localizer) is one case read from its largest series, unless ``each_series``: then
+    each series of two or more images is a case of its own, a
+    :class:`stmt_monai.dicom.DicomSeries` named ``<folder>_s<SeriesNumber>_<SeriesDescription>``
+    (single images, such as localizers, are left out with a log line).
+
     Args:
         input: a CT or label file, a DICOM series folder, or a folder of such.
         dicom: count DICOM series folders as cases (``False`` for label maps, never DICOM).
         allow_empty: return ``[]`` for a folder without any case instead of raising.
+        each_series: each DICOM series of a folder that holds several is a case (``stmt-segment``).
 
     Returns:
-        the case paths (files and DICOM folders), sorted by name.
+        the case paths (files and DICOM folders, or series with ``each_series``), sorted by name.
 
     Raises:
         ImageError: ``input`` does not exist, or (unless ``allow_empty``) holds no case.
@@ -124,14 +159,19 @@ def find_cases(input: str | os.PathLike, dicom: bool = True, allow_empty: bool =
     path = Path(input)
     if not path.exists():
         raise ImageError(path, "no such file or folder")
-    if path.is_file() or (dicom and _holds_dicom_series(path)):
+    if path.is_file():
         return [path]
-    cases = [
-        p
-        for p in sorted(path.iterdir())
-        if not p.name.startswith(".")
-        and ((p.is_file() and p.name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES)) or (dicom and p.is_dir() and _holds_dicom_series(p)))
-    ]
+    own = _dicom_cases(path, each_series) if dicom else []
+    if own:
+        return own
+    cases = []
+    for p in sorted(path.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file() and p.name.endswith(NIFTI_SUFFIXES + ITK_SUFFIXES):
+            cases.append(p)
+        elif dicom and p.is_dir():
+            cases += _dicom_cases(p, each_series)
     if not cases and not allow_empty:
         kinds = ", ".join(NIFTI_SUFFIXES + ITK_SUFFIXES) + (" or DICOM series folder" if dicom else "")
         raise ImageError(path, f"holds no image ({kinds})")
@@ -155,13 +195,22 @@ def image_datalist(input: str | os.PathLike) -> list[dict]:
     return [{"image": str(p)} for p in find_cases(input)]
 
 
-def load_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+def load_image(
+    path: str | os.PathLike, dtype=np.float32, warnings: list[InputWarning] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Load a 3D CT volume.
 
+    A file whose name lies about its format (an uncompressed NIfTI named ``.nii.gz``, a NIfTI
+    named ``.mha``...) is read by its content (:mod:`stmt_monai.formats`); a DICOM series on the
+    grid its slice positions give (:func:`stmt_monai.dicom.read_series`: missing slices filled,
+    a gantry tilt resampled, or refused with the reason).
+
     Args:
-        path: a NIfTI file (``.nii``, ``.nii.gz``), an ITK file (``.mha``, ``.nrrd``) or a folder
-            holding one DICOM series.
+        path: a NIfTI file (``.nii``, ``.nii.gz``), an ITK file (``.mha``, ``.nrrd``), a folder
+            holding one DICOM series, or a :class:`stmt_monai.dicom.DicomSeries`.
         dtype: array type of the result (HU as float32 by default).
+        warnings: the reading's :class:`InputWarning` s are appended here (a misnamed format,
+            DICOM slices filled or resampled, ITK's own messages); logged when None.
 
     Returns:
         ``(array, affine)``: the volume in the file's voxel order, shape ``(X, Y, Z)``, and its
@@ -170,29 +219,63 @@ def load_image(path: str | os.PathLike, dtype=np.float32) -> tuple[np.ndarray, n
     Raises:
         ImageError: missing file, unreadable or non-image file, not a 3D volume.
     """
-    path = Path(path)
-    if not path.exists():
-        raise ImageError(path, "no such file or folder")
-    if path.is_dir():
-        array, affine = _read_dicom_series(path)
-    elif path.name.endswith(NIFTI_SUFFIXES):
-        try:
-            array, affine = read_nifti(path)
-        except Exception as err:  # nibabel raises many kinds for a bad file
-            raise ImageError(path, f"not a readable NIfTI image ({type(err).__name__}: {err})") from None
-    elif path.name.endswith(ITK_SUFFIXES):
-        import SimpleITK as sitk
+    notes: list[InputWarning] = []
+    if not isinstance(path, (str, os.PathLike)) or Path(path).is_dir():
+        # a DicomSeries, or a series folder; imported here: a NIfTI case does not need SimpleITK
+        from stmt_monai import dicom
 
-        try:
-            array, affine = _from_sitk(sitk.ReadImage(str(path)))
-        except RuntimeError as err:
-            raise ImageError(path, f"not a readable image ({str(err).strip().splitlines()[-1]})") from None
+        array, affine = dicom.read_series(path, notes)
     else:
-        raise ImageError(path, f"unsupported file type (expected {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or a DICOM folder)")
+        path = Path(path)
+        if not path.exists():
+            raise ImageError(path, "no such file or folder")
+        array, affine = _read_file(path, notes)
     array = _check_3d(path, array)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ImageError(path, "has a degenerate voxel-to-world affine")
+    if warnings is None:
+        for note in notes:
+            logger.warning("%s: %s", path, note.message)
+    else:
+        warnings.extend(notes)
     return np.asarray(array, dtype=dtype), np.asarray(affine, float)
+
+
+def _read_file(path: Path, notes: list[InputWarning]) -> tuple[np.ndarray, np.ndarray]:
+    """An image file's array and RAS affine, read by its content where its name lies about it."""
+    from stmt_monai import formats
+
+    if formats.sniff(path) == "dicom":
+        raise ImageError(path, "is a single DICOM file (one slice), not a 3D volume: give the folder that holds its series")
+    found = formats.mismatch(path)
+    if found is None:
+        return _read_by_name(path, path, notes)
+    kind, message = found
+    notes.append(InputWarning("file_format", message))
+    with formats.content_alias(path, kind) as alias:
+        return _read_by_name(alias, path, notes)
+
+
+def _read_by_name(path: Path, source: Path, notes: list[InputWarning]) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``path`` with the reader its suffix names; errors name ``source`` (the user's file)."""
+    if path.name.endswith(NIFTI_SUFFIXES):
+        try:
+            return read_nifti(path)
+        except Exception as err:  # nibabel raises many kinds for a bad file
+            raise ImageError(source, f"not a readable NIfTI image ({type(err).__name__}: {err})") from None
+    if path.name.endswith(ITK_SUFFIXES):
+        import SimpleITK as sitk
+
+        from stmt_monai.dicom import itk_messages
+
+        try:
+            with itk_messages() as messages:
+                image = sitk.ReadImage(str(path))
+        except RuntimeError as err:
+            raise ImageError(source, f"not a readable image ({str(err).strip().splitlines()[-1]})") from None
+        notes.extend(InputWarning("itk", m) for m in dict.fromkeys(messages))
+        return _from_sitk(image)
+    raise ImageError(source, f"unsupported file type (expected {', '.join(NIFTI_SUFFIXES + ITK_SUFFIXES)} or a DICOM folder)")
 
 
 def load_label(

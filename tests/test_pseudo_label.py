@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -276,6 +278,42 @@ def test_job_is_resumable_and_survives_bad_cases(cohort, tmp_path):
     errors = {f["name"]: f["error"] for f in datalist["failed"]}
     assert "no such file" in errors["missing"] and "differs from its image" in errors["wrong_grid"]
     assert not (other / "missing.nii.gz").exists() and not (other / "wrong_grid.nii.gz").exists()
+
+
+class KillingTeacher(ConstantTeacher):
+    """A constant teacher that kills its own process (SIGKILL) in its ``kill_at``-th forward."""
+
+    def __init__(self, label: int, kill_at: int):
+        super().__init__(label)
+        self.kill_at, self.calls = kill_at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(x)
+
+
+def test_a_killed_job_resumes_where_it_stopped(cohort, tmp_path):
+    """Killed (SIGKILL) while predicting its third case: the first two are on disk and in a valid
+    datalist, nothing is half-written, and the rerun predicts only the last two."""
+    jobs = few_jobs(cohort)
+    pid = os.fork()
+    if pid == 0:  # the child runs the job until the kill; one thread, as DataLoader workers do
+        try:
+            torch.set_num_threads(1)
+            run_job(cohort, tmp_path, KillingTeacher(label=3, kill_at=3), jobs)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    done = [j["name"] for j in jobs[:2]]
+    assert [r["name"] for r in json.loads((tmp_path / PSEUDO_DATALIST).read_text())["training"]] == done
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted([PSEUDO_DATALIST] + [f"{n}.nii.gz" for n in done])
+    teacher = KillingTeacher(label=3, kill_at=0)  # never kills; counts its cases
+    summary = run_job(cohort, tmp_path, teacher, jobs)
+    assert (summary["predicted"], summary["skipped"], teacher.calls) == (2, 2, 2)
+    assert [r["name"] for r in json.loads((tmp_path / PSEUDO_DATALIST).read_text())["training"]] == [j["name"] for j in jobs]
 
 
 def test_quality_threshold_is_off_by_default_and_drops_the_worst(cohort, tmp_path):

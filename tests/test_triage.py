@@ -193,3 +193,73 @@ def test_prepare_data_cli(small_cohort, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert empty.returncode != 0 and "no such dataset" in empty.stderr
+
+
+# ----------------------------------------------------------------------------- bad cases in a datalist
+def test_each_kind_of_bad_case_in_a_datalist_is_caught_with_its_reason(small_cohort, tmp_path):
+    """Every case triage passes loads; every bad one is listed with its reason, none reaches training."""
+    import nibabel as nib
+
+    from stmt_monai.io import load_image
+
+    policy = _json(small_cohort / "policy.json")["cases"]
+    names = [n for n, r in policy.items() if r["split"] == "labelled"][:10]
+    data = tmp_path / "data"
+    entries = []
+    for n in names:
+        for kind, src in (("images", small_cohort / "imagesTr" / f"{n}_0000.nii.gz"), ("labels", small_cohort / "labelsTr" / f"{n}.nii.gz")):
+            (data / kind).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, data / kind / src.name)
+        entries.append({"image": f"data/images/{n}_0000.nii.gz", "label": f"data/labels/{n}.nii.gz"})
+    good, bad = names[:2], dict(zip(["unreadable", "truncated_gz", "truncated_nii", "shape", "affine", "value_15", "value_float", "missing"], names[2:]))
+
+    def label_of(name):
+        image = nib.load(data / "labels" / f"{name}.nii.gz")
+        return np.asarray(image.dataobj), image.affine
+
+    (data / "images" / f"{bad['unreadable']}_0000.nii.gz").write_bytes(b"not a NIfTI file")
+    image = data / "images" / f"{bad['truncated_gz']}_0000.nii.gz"
+    image.write_bytes(image.read_bytes()[: len(image.read_bytes()) * 7 // 10])  # a download cut short
+    image = data / "images" / f"{bad['truncated_nii']}_0000.nii.gz"
+    plain = data / "images" / f"{bad['truncated_nii']}_0000.nii"
+    plain.write_bytes(gzip.decompress(image.read_bytes())[:-5000])
+    image.unlink()
+    entries[names.index(bad["truncated_nii"])]["image"] = f"data/images/{plain.name}"
+    labels, affine = label_of(bad["shape"])
+    shape = labels.shape
+    nib.save(nib.Nifti1Image(labels[:-4], affine), data / "labels" / f"{bad['shape']}.nii.gz")
+    labels, affine = label_of(bad["affine"])
+    nib.save(nib.Nifti1Image(labels, affine @ np.diag([1.0, 1.0, 1.01, 1.0])), data / "labels" / f"{bad['affine']}.nii.gz")
+    labels, affine = label_of(bad["value_15"])
+    labels[0, 0, 0] = 15
+    nib.save(nib.Nifti1Image(labels, affine), data / "labels" / f"{bad['value_15']}.nii.gz")
+    labels, affine = label_of(bad["value_float"])
+    nib.save(nib.Nifti1Image(labels.astype(np.float32) * 0.5, affine), data / "labels" / f"{bad['value_float']}.nii.gz")
+    (data / "images" / f"{bad['missing']}_0000.nii.gz").unlink()
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}))
+
+    result = triage_dataset(tmp_path / "datalist.json", tmp_path / "prepared", fingerprint=False, progress=False)
+    failed = {Path(f["path"]).name: f["error"].split(": ", 1)[1] for f in result.failed}
+    assert all("\n" not in e for e in failed.values())
+    reasons = {
+        f"{bad['unreadable']}_0000.nii.gz": "not a readable NIfTI image",
+        f"{bad['truncated_gz']}_0000.nii.gz": "voxel data cut short or corrupt (EOFError",
+        f"{bad['truncated_nii']}_0000.nii": "voxel data cut short: the file holds",
+        f"{bad['shape']}.nii.gz": f"label shape {(shape[0] - 4, *shape[1:])} differs from its image's {shape}",
+        f"{bad['affine']}.nii.gz": "label affine differs from its image's (not on the same voxel grid)",
+        f"{bad['value_15']}.nii.gz": "holds values outside the FLARE labels 0..14",
+        f"{bad['value_float']}.nii.gz": "holds values outside the FLARE labels 0..14",
+        f"{bad['missing']}_0000.nii.gz": "no such file or folder",
+    }
+    assert set(failed) == set(reasons)
+    for name, reason in reasons.items():
+        assert failed[name].startswith(reason), (name, failed[name])
+    assert sorted(c.name for c in result.cases) == sorted(good)
+    # what triage passed, training can load (the cut-short image would fail there otherwise)
+    for kind in ("fully_labelled", "pseudo_label_jobs", "tumor"):
+        for item in load_decathlon_datalist(result.outputs[kind], True, "training"):
+            load_image(item["image"])
+            if item.get("label"):
+                load_label(item["label"])
+    with pytest.raises(Exception):  # the truncated image passes a header-only read, fails a full one
+        load_image(data / "images" / f"{bad['truncated_gz']}_0000.nii.gz")

@@ -6,9 +6,12 @@ organ labels into *fully organ labelled* (all 13 organ classes present in the la
 too), and by its tumor label into *tumor annotated* and *not tumor annotated*.
 
 :func:`triage_dataset` streams over a dataset, one label map in memory at a time (images are
-checked by their header only, unless ``verify_images``), records for every labelled case the
-set A of organ classes present and whether a tumor label is present, skips and reports
-unreadable files, and writes into ``out_dir``:
+checked by their header and the length of their voxel data, :func:`check_data_length`, or read
+in full with ``verify_images``), records for every labelled case the set A of organ classes
+present and whether a tumor label is present, skips and reports each bad case with its reason
+(so that none stops a training run midway: an unreadable or truncated image or label, a label
+of another shape or affine than its image, label values outside 0..14, an image without its
+label), and writes into ``out_dir``:
 
 - ``triage.json``: the counts table, each case's set A / tumor flag / category, the failures;
 - ``datalist_fully_labelled.json``: stage 1 and organ-teacher training (fully organ labelled);
@@ -297,8 +300,49 @@ def _discover_datalist(path: Path) -> Inventory:
 
 
 # ----------------------------------------------------------------------------- reading
+def check_data_length(path: str | os.PathLike, header) -> None:
+    """Raise :class:`ImageError` when a NIfTI's voxel data is shorter than its header says.
+
+    A truncated download or copy has a good header, so header-only triage would pass it and the
+    training run would fail when it first loads it. Reading every image in full costs minutes on
+    a FLARE-sized set; this costs one ``stat`` (uncompressed) or the gzip trailer's length field
+    (the last 4 bytes), and streams the file once only when that field disagrees (a truncated
+    file, or a gzip of several members).
+
+    Args:
+        path: the NIfTI file.
+        header: its nibabel header (data offset, shape and type give the length needed).
+    """
+    import gzip
+    import zlib
+
+    need = int(header.get_data_offset()) + int(np.prod(header.get_data_shape())) * np.dtype(header.get_data_dtype()).itemsize
+    with open(path, "rb") as f:
+        compressed = f.read(2) == b"\x1f\x8b"
+        size = os.fstat(f.fileno()).st_size
+        if compressed and size >= 20:
+            f.seek(-4, os.SEEK_END)
+            trailer = int.from_bytes(f.read(4), "little")  # uncompressed length mod 2^32 (RFC 1952)
+    if not compressed:
+        if size < need:
+            raise ImageError(path, f"voxel data cut short: the file holds {size:,} of the {need:,} bytes its header needs (truncated)")
+        return
+    if size >= 20 and trailer == need % 2**32:
+        return
+    total = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                total += len(chunk)
+    except (OSError, EOFError, zlib.error) as err:
+        raise ImageError(path, f"voxel data cut short or corrupt ({type(err).__name__}: {err})") from None
+    if total < need:
+        raise ImageError(path, f"voxel data cut short: {total:,} of the {need:,} bytes its header needs (truncated)")
+
+
 def _image_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
-    """Shape and affine of an image from its header only (NIfTI); other formats are loaded."""
+    """Shape and affine of an image from its header only (NIfTI; the data's length checked by
+    :func:`check_data_length`); other formats are loaded."""
     path = Path(path)
     if not path.name.endswith(NIFTI_SUFFIXES):
         array, affine = load_image(path)
@@ -310,6 +354,7 @@ def _image_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]
         shape, affine = tuple(int(s) for s in image.shape), np.asarray(image.affine, float)
     except Exception as err:  # nibabel raises many kinds for a bad file
         raise ImageError(path, f"not a readable NIfTI image ({type(err).__name__}: {err})") from None
+    check_data_length(path, image.header)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3 or min(shape) < 2:
@@ -370,8 +415,8 @@ def triage_dataset(
         validation_share: without a validation folder, share of the fully labelled cases held
             out for validation (at least one when there are two or more).
         fingerprint_cases: at most this many labelled cases enter the fingerprint.
-        verify_images: read every image in full (finds truncated data; slower) instead of its
-            header only.
+        verify_images: read every image in full (also finds corrupt data within a file of the
+            right length; slower) instead of its header and data length only.
         seed: voxel sampling seed of the fingerprint.
         progress: show a tqdm progress bar.
 

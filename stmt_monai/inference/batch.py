@@ -59,6 +59,8 @@ def segment_case(
     overwrite: bool = False,
     preview: bool = False,
     report: bool = True,
+    strict: bool = False,
+    max_memory_bytes: int | None = None,
 ) -> dict:
     """Segment one case and write its outputs (each written atomically).
 
@@ -69,9 +71,13 @@ def segment_case(
         overwrite: redo a case whose mask exists (otherwise it is skipped).
         preview: also write the PNG preview.
         report: write the JSON / CSV report.
+        strict: a warning about the input (:mod:`stmt_monai.inference.checks`) fails the case;
+            otherwise each is logged as one line and listed in the report's ``warnings``.
+        max_memory_bytes: the memory bound of :meth:`Cascade.segment` (default: what is available).
 
     Returns:
-        ``{"case", "status": "written" | "skipped", "outputs": {kind: path}, "timings"}``.
+        ``{"case", "status": "written" | "skipped", "outputs": {kind: path}, "timings",
+        "warnings": [one line each]}``.
 
     Raises:
         ImageError: the input cannot be used (other errors propagate as they are).
@@ -79,7 +85,8 @@ def segment_case(
     paths = output_paths(case, output_dir)
     if paths["mask"].exists() and not overwrite:
         return _skipped(case, paths)
-    return write_case(cascade, case, cascade.segment(case), output_dir, preview, report)
+    result = cascade.segment(case, strict=strict, max_memory_bytes=max_memory_bytes)
+    return write_case(cascade, case, result, output_dir, preview, report)
 
 
 def _skipped(case, paths: dict) -> dict:
@@ -94,6 +101,8 @@ def write_case(
     from stmt_monai.inference import report as case_report
 
     paths = output_paths(case, output_dir)
+    for warning in result.warnings:
+        logger.warning("%s: %s", case, warning.message)
     clock = time.perf_counter()
     written = {"mask": save_label_map(paths["mask"], result.labels, result.affine)}
     timings = dict(result.timings)
@@ -104,6 +113,7 @@ def write_case(
             result.labels, result.affine, result.image, organ_labels=result.organ_labels, case=case_name(case), source=str(case)
         )
         summary["cascade"] = {**cascade.describe(), "roi": result.roi, "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+        summary["warnings"] = [warning.as_dict() for warning in result.warnings]
         written["report_json"], written["report_csv"] = case_report.write_report(summary, paths["report_json"], paths["report_csv"])
         timings["report"] = time.perf_counter() - clock
     if preview:
@@ -114,7 +124,8 @@ def write_case(
             result.image, result.labels, paths["preview"], affine=result.affine, title=case_name(case), center=_organ_center(result)
         )
         timings["preview"] = time.perf_counter() - clock
-    return {"case": str(case), "status": "written", "outputs": {k: str(v) for k, v in written.items()}, "timings": timings}
+    warnings = [warning.message for warning in result.warnings]
+    return {"case": str(case), "status": "written", "outputs": {k: str(v) for k, v in written.items()}, "timings": timings, "warnings": warnings}
 
 
 def _organ_center(result: CascadeResult) -> tuple[int, int, int] | None:
@@ -131,12 +142,14 @@ def _organ_center(result: CascadeResult) -> tuple[int, int, int] | None:
 
 @dataclasses.dataclass
 class BatchResult:
-    """What a batch did: ``written`` and ``skipped`` case paths, ``failed`` as ``(case, reason)``."""
+    """What a batch did: ``written`` and ``skipped`` case paths, ``failed`` as ``(case, reason)``,
+    ``warnings``: the input warnings of each written case that had any (``{case: [line, ...]}``)."""
 
     written: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     timings: dict = dataclasses.field(default_factory=dict)
+    warnings: dict = dataclasses.field(default_factory=dict)
     #: seconds from the batch's start until each case (in order) was done: the per-case time in a batch
     finished_s: list = dataclasses.field(default_factory=list)
 
@@ -189,44 +202,53 @@ def segment_folder(
     preview: bool = False,
     progress: bool = True,
     shard: str | None = None,
+    strict: bool = False,
+    max_memory_bytes: int | None = None,
     overlap: bool = True,
 ) -> BatchResult:
-    """Segment every case of ``input`` (:func:`stmt_monai.io.find_cases`) into ``output_dir``.
+    """Segment every case of ``input`` (:func:`stmt_monai.io.find_cases`; each DICOM series of a
+    folder that holds several is a case) into ``output_dir``.
 
     A case that fails is recorded (path, reason) and the batch goes on. With ``shard`` ``"i/n"``
-    only that share of the cases (:func:`shard_cases`), to split a batch across processes. With
-    ``overlap`` the next case is read and the previous one written while the networks run on
-    this one (:func:`_overlapped`); results, order and failures are those of the one-by-one loop.
+    only that share of the cases (:func:`shard_cases`), to split a batch across processes.
+    ``strict`` and ``max_memory_bytes`` as :func:`segment_case`. Log lines (a warning, a failed
+    case) are written above the progress bar, not through it. With ``overlap`` the next case
+    is read and the previous one written while the networks run on this one
+    (:func:`_overlapped`); results, order and failures are those of the one-by-one loop.
 
     Returns:
         :class:`BatchResult`; its ``failed`` list is empty when all went well.
     """
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     result = BatchResult()
     try:
-        cases = shard_cases(find_cases(input), shard)
+        cases = shard_cases(find_cases(input, each_series=True), shard)
     except ImageError as err:
         result.failed.append((str(input), err.problem))
         return result
     start = time.perf_counter()
     if overlap:
-        outcomes = _overlapped(cascade, cases, output_dir, overwrite, preview)
+        outcomes = _overlapped(cascade, cases, output_dir, overwrite, preview, strict, max_memory_bytes)
     else:
-        outcomes = ((case, _attempt(segment_case, cascade, case, output_dir, overwrite, preview)) for case in cases)
-    bar = tqdm(total=len(cases), desc="stmt-segment", unit="case", disable=not progress)
-    for case, outcome in outcomes:
-        bar.update()
-        result.finished_s.append(time.perf_counter() - start)
-        if isinstance(outcome, BaseException):
-            logger.debug("case %s failed", case, exc_info=outcome)
-            result.failed.append((str(case), failure_reason(case, outcome)))
-            logger.warning("%s: %s", case, result.failed[-1][1])
-            continue
-        logger.info("%s: %s %s", case, outcome["status"], outcome["outputs"]["mask"])
-        (result.written if outcome["status"] == "written" else result.skipped).append(str(case))
-        result.timings[str(case)] = outcome["timings"]
-    bar.close()
+        outcomes = ((case, _attempt(segment_case, cascade, case, output_dir, overwrite, preview, True, strict, max_memory_bytes)) for case in cases)
+    with logging_redirect_tqdm():
+        bar = tqdm(total=len(cases), desc="stmt-segment", unit="case", disable=not progress)
+        for case, outcome in outcomes:
+            bar.update()
+            result.finished_s.append(time.perf_counter() - start)
+            if isinstance(outcome, BaseException):
+                logger.debug("case %s failed", case, exc_info=outcome)
+                result.failed.append((str(case), failure_reason(case, outcome)))
+                logger.warning("%s: %s", case, result.failed[-1][1])
+                continue
+            logger.info("%s: %s %s", case, outcome["status"], outcome["outputs"]["mask"])
+            (result.written if outcome["status"] == "written" else result.skipped).append(str(case))
+            result.timings[str(case)] = outcome["timings"]
+            if outcome.get("warnings"):
+                result.warnings[str(case)] = outcome["warnings"]
+        bar.close()
     return result
 
 
@@ -238,7 +260,7 @@ def _attempt(function, *args):
         return err
 
 
-def _overlapped(cascade: Cascade, cases: Sequence[Path], output_dir, overwrite: bool, preview: bool):
+def _overlapped(cascade: Cascade, cases: Sequence[Path], output_dir, overwrite: bool, preview: bool, strict: bool, max_memory_bytes):
     """``(case, outcome or exception)`` of each case, in order, with the reading of the next
     case (a thread) and the writing of the previous one (another thread) overlapping this
     case's networks. At most one case is read ahead and one written behind, so memory holds
@@ -250,7 +272,7 @@ def _overlapped(cascade: Cascade, cases: Sequence[Path], output_dir, overwrite: 
         paths = output_paths(case, output_dir)
         if paths["mask"].exists() and not overwrite:
             return _skipped(case, paths)
-        return cascade.read(case)
+        return cascade.read(case, max_memory_bytes)
 
     def done(value):
         future = Future()
@@ -266,7 +288,7 @@ def _overlapped(cascade: Cascade, cases: Sequence[Path], output_dir, overwrite: 
             if isinstance(loaded, BaseException) or "status" in loaded:
                 outcome = done(loaded)  # failed to read, or skipped
             else:
-                result = _attempt(cascade.segment_loaded, case, loaded)
+                result = _attempt(cascade.segment_loaded, case, loaded, strict)
                 del loaded  # the input volume: the result keeps what the writing needs
                 outcome = done(result) if isinstance(result, BaseException) else writer.submit(_attempt, write_case, cascade, case, result, output_dir, preview)
                 del result

@@ -36,9 +36,17 @@ import torch
 
 from stmt_monai.inference.backends import resolve_backend
 from stmt_monai.inference.bundles import STAGE_BUNDLES, default_bundles_dir
+from stmt_monai.inference.checks import (
+    VOLUME,
+    check_input,
+    check_memory,
+    field_of_view_findings,
+    network_sizes,
+    raise_if_strict,
+)
 from stmt_monai.inference.postprocessing import largest_component, overlay_tumor
 from stmt_monai.inference.stage import StageModel
-from stmt_monai.io import load_image
+from stmt_monai.io import ImageError, InputWarning, load_image
 from stmt_monai.preprocessing.geometry import canonical_tensor, resize, restore_label_map, to_canonical
 from stmt_monai.preprocessing.roi import (
     ROI_MARGIN_MM,
@@ -62,8 +70,11 @@ class CascadeResult:
             report and preview; read-only when read from a NIfTI file).
         organ_labels: the organ result before the tumor overlay, on the same grid, when the
             cascade found a tumor (the report names each tumor's host organ from it), else None.
-        roi: stage 1's region of interest (:func:`abdomen_roi_from_prediction`'s dict).
+        roi: stage 1's region of interest (:func:`abdomen_roi_from_prediction`'s dict), with
+            ``abdomen_ml``, the volume of stage 1's abdomen.
         timings: seconds per step.
+        warnings: the input's :class:`~stmt_monai.io.InputWarning` s, from reading and from the
+            plausibility checks (:mod:`stmt_monai.inference.checks`).
     """
 
     labels: np.ndarray
@@ -72,6 +83,7 @@ class CascadeResult:
     organ_labels: np.ndarray | None
     roi: dict
     timings: dict
+    warnings: list = dataclasses.field(default_factory=list)
 
 
 class Cascade:
@@ -137,41 +149,63 @@ class Cascade:
             "stages": {stage: model.settings for stage, model in self.models.items()},
         }
 
-    def segment(self, path: str | os.PathLike) -> CascadeResult:
-        """Segment one CT file or DICOM series folder (see :meth:`segment_array`).
+    def segment(self, path: str | os.PathLike, strict: bool = False, max_memory_bytes: int | None = None) -> CascadeResult:
+        """Segment one CT file or DICOM series (see :meth:`segment_array`).
+
+        Before reading, the case's peak memory is estimated from its header and the case refused
+        if it does not fit (:func:`~stmt_monai.inference.checks.check_memory`).
+
+        Args:
+            path: a CT file, a DICOM series folder or a :class:`~stmt_monai.dicom.DicomSeries`.
+            strict: a warning of reading or of the plausibility checks fails the case.
+            max_memory_bytes: the memory bound; default the memory available now.
 
         Raises:
-            ImageError: the input cannot be read or is not a 3D volume.
+            ImageError: the input cannot be read, is not a 3D volume, does not fit in memory, or
+                (``strict``) raised a warning.
         """
-        return self.segment_loaded(path, self.read(path))
+        return self.segment_loaded(path, self.read(path, max_memory_bytes), strict)
 
-    def read(self, path: str | os.PathLike) -> dict:
+    def read(self, path: str | os.PathLike, max_memory_bytes: int | None = None) -> dict:
         """The reading half of :meth:`segment` (a batch reads the next case while the networks
-        run on this one): the volume in the file's own type (int16 for most CTs; the cascade only
-        reads it).
+        run on this one): memory check, then the volume in the file's own type (int16 for most
+        CTs; the cascade only reads it).
 
         Returns:
-            ``{"image", "affine", "seconds"}`` for :meth:`segment_loaded`.
+            ``{"image", "affine", "warnings", "seconds"}`` for :meth:`segment_loaded`.
         """
         start = time.perf_counter()
-        image, affine = load_image(path, dtype=None)
-        return {"image": image, "affine": affine, "seconds": time.perf_counter() - start}
+        check_memory(path, network_sizes(self.models), max_memory_bytes)
+        warnings: list[InputWarning] = []
+        image, affine = load_image(path, dtype=None, warnings=warnings)
+        return {"image": image, "affine": affine, "warnings": warnings, "seconds": time.perf_counter() - start}
 
-    def segment_loaded(self, path: str | os.PathLike, loaded: dict) -> CascadeResult:
+    def segment_loaded(self, path: str | os.PathLike, loaded: dict, strict: bool = False) -> CascadeResult:
         """The networks' half of :meth:`segment` on what :meth:`read` returned for ``path``."""
-        result = self.segment_array(loaded["image"], loaded["affine"])
-        result.timings = {"read": loaded["seconds"], **result.timings}
+        image, affine, warnings, read = loaded["image"], loaded["affine"], loaded["warnings"], loaded["seconds"]
+        try:
+            result = self.segment_array(image, affine, strict=strict, warnings=warnings)
+        except ImageError as err:
+            if err.path != VOLUME:
+                raise
+            raise ImageError(path, err.problem) from None
+        result.timings = {"read": read, **result.timings}
         return result
 
-    def segment_array(self, image: np.ndarray, affine: np.ndarray) -> CascadeResult:
+    def segment_array(self, image: np.ndarray, affine: np.ndarray, strict: bool = False, warnings: list | None = None) -> CascadeResult:
         """Segment a CT volume.
 
         Args:
             image: ``(X, Y, Z)`` HU, in its file's voxel order.
             affine: its 4 x 4 RAS affine.
+            strict: the first warning fails the case (:func:`~stmt_monai.inference.checks.raise_if_strict`).
+            warnings: warnings so far (of reading); the checks' are appended.
 
         Returns:
             :class:`CascadeResult` with labels on exactly the input's grid.
+
+        Raises:
+            ImageError: (path ``"<volume>"``) no finite voxel, or ``strict`` and a warning.
         """
         t = {}
         clock = time.perf_counter()
@@ -182,7 +216,10 @@ class Cascade:
             t[name] = now - clock
             clock = now
 
-        image = np.asarray(image)  # its own type: no float32 copy (the resampling reads any dtype)
+        warnings = [] if warnings is None else warnings
+        image, found = check_input(image, affine)  # non-finite voxels replaced, HU and spacing judged
+        warnings += found
+        raise_if_strict(warnings, strict, VOLUME)
         abdomen, organ, tumor = self.models["abdomen"], self.models["organ"], self.models["tumor"]
         # stage 1: whole volume at 128^3
         canonical = to_canonical(image, affine, contiguous=False)  # a view, once for the three networks
@@ -193,6 +230,10 @@ class Cascade:
         mask = abdomen.predict(abdomen.fingerprint.normalize(x1))
         lap("stage1")
         roi = abdomen_roi_from_prediction(mask, geometry1, self.margin_mm, self.min_component_fraction)
+        roi["abdomen_ml"], found = field_of_view_findings(mask, geometry1)
+        if not any(w.kind == "spacing" for w in warnings):  # millilitres mean nothing on a wrong spacing
+            warnings += found
+            raise_if_strict(found, strict, VOLUME)
         box = (roi["start_voxel"], roi["end_voxel"])
         # stage 2: one crop and resize for both students when their sizes agree
         x2, _, geometry2 = prepare_volume(image, affine, organ.spatial_size, roi_box=box, canonical=canonical)
@@ -223,4 +264,4 @@ class Cascade:
         else:
             labels, organ_labels = organ_labels, None
         lap("restore")
-        return CascadeResult(labels, np.asarray(affine, float), image, organ_labels, roi, t)
+        return CascadeResult(labels, np.asarray(affine, float), image, organ_labels, roi, t, warnings)

@@ -31,7 +31,8 @@ _SLAB = 32
 MAX_LESIONS = 100
 
 
-CSV_FIELDS = ("kind", "label", "name", "voxels", "volume_ml", "mean_hu", "longest_axial_diameter_mm", "host_organ")
+#: ``message``: the text of a ``warning`` row (an input warning, :mod:`stmt_monai.inference.checks`)
+CSV_FIELDS = ("kind", "label", "name", "voxels", "volume_ml", "mean_hu", "longest_axial_diameter_mm", "host_organ", "message")
 
 
 def voxel_volume_ml(affine: np.ndarray) -> float:
@@ -275,7 +276,8 @@ def case_report(
 
 
 def report_rows(report: dict) -> list[dict]:
-    """The report as CSV rows (:data:`CSV_FIELDS`): one per organ, then one per lesion."""
+    """The report as CSV rows (:data:`CSV_FIELDS`): one per organ, one per lesion, then one per
+    input warning (``kind`` ``warning``, ``name`` the warning's kind, ``message`` its line)."""
     rows = [
         {"kind": "organ", "label": o["label"], "name": o["name"], "voxels": o["voxels"], "volume_ml": f"{o['volume_ml']:.3f}",
          "mean_hu": "" if o["mean_hu"] is None else f"{o['mean_hu']:.1f}", "longest_axial_diameter_mm": "", "host_organ": ""}
@@ -287,6 +289,7 @@ def report_rows(report: dict) -> list[dict]:
          "longest_axial_diameter_mm": f"{t['longest_axial_diameter_mm']:.1f}", "host_organ": t["host_organ"]}
         for t in report["tumors"]["lesions"]
     ]
+    rows += [{"kind": "warning", "name": w["kind"], "message": w["message"]} for w in report.get("warnings", [])]
     return rows
 
 
