@@ -118,3 +118,19 @@ def test_pseudo_labelling_logs_cases_done_and_kept(tiny_cohort, tmp_path, caplog
     generate_pseudo_labels(*args)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pseudo labels:")]
     assert lines[0] == f"pseudo labels: {total} of {total} cases already done (kept)"
+
+
+def test_bundles_validation_handler_logs_the_validators_progress(caplog):
+    """The trainers' ValidationHandler puts the progress on their validator: cases and total time."""
+    from monai.engines import Evaluator
+
+    from stmt_monai.training.handlers import ValidationHandler
+
+    validator = Evaluator(device="cpu", val_data_loader=[1, 2, 3], iteration_update=lambda engine, batch: batch)  # 3 cases
+    trainer = Engine(lambda engine, batch: batch)
+    ValidationHandler(validator=validator, interval=1, epoch_level=True).attach(trainer)
+    caplog.set_level(logging.INFO, "stmt_monai.progress")
+    trainer.run([0], max_epochs=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "stmt_monai.progress"]
+    assert lines[0] == "validation: 3 cases" and lines[1].startswith("validation: 1/3 cases (33 %)")
+    assert lines[-1].startswith("validation: 3 cases in ")
