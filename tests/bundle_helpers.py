@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stmt_monai.bundle import format_override, override_args
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 SCHEMA = REPO / "stmt_monai" / "resources" / "meta_schema_20240725.json"
@@ -32,6 +34,11 @@ TINY_TEACHER = {
     "teacher_spacing_mm": "[12,12,12]",
     "num_workers": "0",
 }
+#: what lets a tiny network learn in a few epochs of a tiny cohort: Adam at lr 0.01 (the bundles'
+#: SGD at lr 0.01, momentum 0.99 still predicts all background after tens of iterations; with
+#: this stage 1 reaches an abdomen Dice of 0.75 in 8 epochs and the organ student a liver Dice
+#: of 0.42 in 3, measured on the shared tiny cohort)
+TINY_OPTIMIZER = {"optimizer": "{'_target_': 'torch.optim.Adam', 'params': '$@network.parameters()', 'lr': 0.01}"}
 #: environment of every command a test runs
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -73,17 +80,18 @@ def readme_commands(bundle: str) -> dict[str, list[str]]:
     return commands
 
 
-def with_overrides(args: list[str], **overrides: str) -> list[str]:
-    """``args`` with each ``--key value`` replaced (or appended); ``python`` -> this interpreter,
+def with_overrides(args: list[str], **overrides) -> list[str]:
+    """``args`` with each ``--key value`` replaced (or appended), values written as
+    :func:`stmt_monai.bundle.bundle_command` writes them; ``python`` -> this interpreter,
     ``torchrun`` -> the one beside it."""
     exe = {"python": sys.executable, "torchrun": str(Path(sys.executable).parent / "torchrun")}
     args = [exe.get(a, a) if i == 0 or a == "python" else a for i, a in enumerate(args)]
     for key, value in overrides.items():
         flag = f"--{key}"
         if flag in args:
-            args[args.index(flag) + 1] = value
+            args[args.index(flag) + 1] = format_override(value)
         else:
-            args += [flag, value]
+            args += override_args({key: value})
     return args
 
 

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import ENV, REPO, TINY, oracle_pseudo_labels, with_overrides
+from bundle_helpers import ENV, REPO, TINY, TINY_OPTIMIZER, oracle_pseudo_labels, with_overrides
 from bundle_helpers import readme_commands as _readme_commands
 from bundle_helpers import run_readme as _run_readme
 from monai.bundle import ConfigParser
@@ -31,8 +31,11 @@ NAME = "coarse_abdomen"
 BUNDLE = REPO / "bundles" / NAME
 CONFIGS = BUNDLE / "configs"
 
-#: epochs of the tests' training run
-EPOCHS = 4
+#: epochs of the tests' training run (with TINY_OPTIMIZER: abdomen Dice 0.75, see DICE_FLOOR)
+EPOCHS = 8
+#: the trained tiny model's abdomen Dice at input resolution must reach this (0.75 measured on
+#: the shared tiny cohort; an untrained or all-foreground one scores under 0.3)
+DICE_FLOOR = 0.5
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +72,7 @@ def trained(cohort, tmp_path_factory):
     Returns the bundle root, the epochs the killed run had completed, and both runs' logs.
     """
     bundle_root = tmp_path_factory.mktemp("coarse_abdomen_bundle")
-    overrides = dict(bundle_root=str(bundle_root), max_epochs=str(EPOCHS), val_interval="1", **TINY, **data_overrides(cohort))
+    overrides = dict(bundle_root=str(bundle_root), max_epochs=str(EPOCHS), val_interval="1", **TINY, **TINY_OPTIMIZER, **data_overrides(cohort))
     checkpoint = bundle_root / "models" / "checkpoint_last.pt"
     killed_log = bundle_root / "killed_run.log"
     with open(killed_log, "w") as log:
@@ -124,7 +127,7 @@ def test_train_writes_best_model_checkpoint_fingerprint_and_tensorboard(trained,
     checkpoint = torch.load(models / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert set(checkpoint) == {"network", "optimizer", "lr_scheduler", "trainer", "best_checkpoint"}
     assert epoch_of(checkpoint) == EPOCHS
-    assert 0.0 <= checkpoint["best_checkpoint"]["best"] <= 1.0
+    assert checkpoint["best_checkpoint"]["best"] > DICE_FLOOR  # validation Dice at network resolution
     # the fingerprint travels with the model, so inference normalises exactly as training did
     assert json.loads((models / "fingerprint.json").read_text()) == json.loads(
         (cohort["prepared"] / "fingerprint.json").read_text()
@@ -175,7 +178,7 @@ def test_evaluate_scores_model_at_input_resolution(trained, cohort):
     out = trained["bundle_root"] / "eval"
     run_readme("evaluate", bundle_root=str(trained["bundle_root"]), **TINY, prepared_dir=str(cohort["prepared"]))
     dice = float((out / "metrics.csv").read_text().split(",")[1])
-    assert 0.0 <= dice <= 1.0
+    assert DICE_FLOOR < dice <= 1.0
     rows = (out / "val_mean_dice_raw.csv").read_text().strip().splitlines()[1:]
     validation = json.loads((cohort["prepared"] / "datalist_validation.json").read_text())["validation"]
     assert len(rows) == len(validation)
