@@ -303,9 +303,11 @@ def volume_header(path) -> tuple[tuple[int, ...], int]:
     Raises:
         ImageError: the header cannot be read (the same file fails to load as well).
     """
-    from stmt_monai import dicom, formats
+    from stmt_monai import formats
 
-    if isinstance(path, dicom.DicomSeries) or Path(path).is_dir():
+    if not isinstance(path, (str, os.PathLike)) or Path(path).is_dir():
+        from stmt_monai import dicom  # SimpleITK: only for DICOM (a NIfTI case does not import it)
+
         return tuple(dicom.series_shape(path)), 2
     path = Path(path)
     if not path.exists():
