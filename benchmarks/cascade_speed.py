@@ -44,13 +44,12 @@ import numpy as np
 
 from stmt_monai.evaluation.efficiency import measure_command
 from stmt_monai.inference.backends import cpu_flags, cpu_model, cpu_precision, openvino_available
-from stmt_monai.inference.bundles import STAGE_BUNDLES, random_weights
+from stmt_monai.inference.bundles import STAGE_BUNDLES, random_weight_bundles
 from stmt_monai.io import load_image, load_label, save_nifti
 from stmt_monai.preprocessing.fingerprint import foreground_fingerprint
-from stmt_monai.preprocessing.geometry import resize_linear
+from stmt_monai.preprocessing.geometry import resample_to_shape
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "stmt_monai" / "example_data"
+EXAMPLE = Path(__file__).resolve().parents[1] / "stmt_monai" / "example_data"
 CT, ORGANS = EXAMPLE / "abdomen_ct_3mm.nii.gz", EXAMPLE / "abdomen_ct_3mm_organs.nii.gz"
 #: configuration -> stmt-segment arguments
 CONFIGS = {
@@ -83,13 +82,8 @@ def make_case(work_dir: Path, slices: int, side: int = 512) -> Path:
     path = work_dir / "cases" / f"ct{side}x{side}x{slices}_0000.nii.gz"
     if not path.exists():
         image, affine = load_image(CT)
-        size = (side, side, slices)
-        resampled = np.clip(np.round(resize_linear(image, size)), -1024, 3071).astype(np.int16)
-        scale = np.asarray(image.shape, float) / np.asarray(size, float)
-        new_affine = affine.copy()
-        new_affine[:3, :3] = affine[:3, :3] * scale
-        new_affine[:3, 3] = affine[:3, :3] @ (0.5 * scale - 0.5) + affine[:3, 3]  # the field of view's corners stay
-        save_nifti(path, resampled, new_affine)
+        resampled, new_affine = resample_to_shape(image, affine, (side, side, slices))
+        save_nifti(path, np.clip(np.round(resampled), -1024, 3071).astype(np.int16), new_affine)
     return path
 
 
@@ -99,12 +93,7 @@ def make_bundles(work_dir: Path, quick: bool = False) -> tuple[Path, str]:
     dest, weights = work_dir / "bundles", "demo" if quick else "trained"
     model = "models/demo/model.pt" if quick else "models/model.pt"
     if not all((dest / name / model).exists() for name in STAGE_BUNDLES.values()):
-        fingerprint = foreground_fingerprint([(CT, ORGANS)])
-        for seed, name in enumerate(STAGE_BUNDLES.values()):
-            shutil.rmtree(dest / name, ignore_errors=True)
-            ignore = None if quick else shutil.ignore_patterns("demo.json")
-            shutil.copytree(REPO / "bundles" / name / "configs", dest / name / "configs", ignore=ignore)
-            random_weights(dest / name, fingerprint, weights=weights, seed=seed)
+        random_weight_bundles(dest, foreground_fingerprint([(CT, ORGANS)]), weights=weights)
     return dest, weights
 
 

@@ -272,7 +272,8 @@ def resample_to_shape(array: np.ndarray, affine: np.ndarray, shape: Sequence[int
         array: ``(X, Y, Z)`` volume in its file's voxel order.
         affine: its 4 x 4 voxel-to-world affine (mm).
         shape: the new ``(X', Y', Z')``.
-        labels: nearest neighbour (a label map, dtype kept) instead of trilinear (float32).
+        labels: nearest neighbour (a label map, dtype kept; :func:`resize_nearest`) instead of
+            trilinear (float32, :func:`resize_linear`: no float copy of a large volume).
 
     Returns:
         ``(resampled, new_affine)``; voxel ``i`` of the new grid lies at old voxel coordinate
@@ -282,5 +283,5 @@ def resample_to_shape(array: np.ndarray, affine: np.ndarray, shape: Sequence[int
     to_old = np.eye(4)
     to_old[:3, :3] = np.diag(scale)
     to_old[:3, 3] = (scale - 1) / 2
-    resampled = resize(np.asarray(array), shape, mode="nearest" if labels else "trilinear").numpy()
+    resampled = resize_nearest(array, shape) if labels else resize_linear(array, shape)
     return resampled, np.asarray(affine, float) @ to_old
