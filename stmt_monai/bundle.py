@@ -14,7 +14,13 @@ input-size keys it was given (:func:`write_record`: ``models/model.pt`` -> ``mod
 ``models/teacher.pt`` -> ``models/teacher.json``), a flat JSON of config ids that layers like any
 override file. :func:`stmt_monai.inference.bundles.bundle_config` (cascade, export, MONAI Label)
 applies it before the network is built; a ``monai.bundle run`` of the inference or evaluation
-workflow takes it as ``--args_file`` (:func:`bundle_command` ``args_file``).
+workflow takes it as ``--args_file`` (:func:`bundle_command` ``args_file``). Tools that read a
+bundle's config alone (MONAI Label's stock bundle tasks, the model zoo's checks, a plain
+``monai.bundle run --config_file configs/inference.json``) get it from the config itself: the
+network and input-size keys of ``inference.json`` and ``train.json`` are
+``"$stmt_monai.bundle.recorded(@model_path, '<key>', <the paper's value>, @new_model)"``
+(:func:`recorded`); a training run from a prepared dataset starts a new model (:func:`new_model`)
+and builds the config's network, not the one of the weights it will replace.
 """
 
 from __future__ import annotations
@@ -69,6 +75,39 @@ def read_record(weights: str | os.PathLike) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"{path}: not a JSON record of network keys (a {type(record).__name__})")
     return record
+
+
+def new_model(dataset_fingerprint: str | os.PathLike) -> bool:
+    """Whether a training run starts a new model (a train config's ``new_model`` key): it does
+    when it trains from a prepared dataset (``stmt-prepare-data``, whose ``fingerprint.json`` is
+    ``dataset_fingerprint``); without one it is MONAI Label's bundle training on its datastore,
+    which continues the weights it serves (its ``pretrained`` loads them into the network of
+    their record, :func:`recorded`). ``--new_model True|False`` decides it on the command line.
+    """
+    return Path(dataset_fingerprint).is_file()
+
+
+def recorded(weights: str | os.PathLike, key: str, default, new_model: bool = False):
+    """A network or input-size key of the weights at ``weights``: the value of their record
+    (:func:`read_record`, ``model.pt`` -> ``model.json``), else ``default`` (the config's).
+
+    The bundles' configs write their network keys as
+    ``"$stmt_monai.bundle.recorded(@model_path, 'spatial_size', [192, 192, 192], @new_model)"``,
+    so that a tool reading ``inference.json`` or ``train.json`` alone (MONAI Label's stock bundle
+    tasks, the model zoo's checks) builds the network the weights were trained with. A
+    ``--key value`` on the command line replaces the expression altogether.
+
+    Args:
+        weights: the weights file (``models/model.pt``; missing is fine).
+        key: the config id (``spatial_size``, ``base_channels``, ``num_downsamplings``,
+            ``max_channels``).
+        default: the config's value, the paper's.
+        new_model: a training run that starts a new model (:func:`new_model`) builds the
+            config's network, not that of the weights it will replace.
+    """
+    if new_model:
+        return default
+    return read_record(weights).get(key, default)
 
 
 def write_record(weights: str | os.PathLike, record: Mapping[str, object]) -> Path:

@@ -46,8 +46,9 @@ from stmt_monai.preprocessing.transforms import LoadStageInputd, augmentations
 from stmt_monai.training.losses import CPL, LABELLED, PL
 
 #: a workflow's own parts, different in each config by design (a training config's ``train`` and
-#: ``validate`` sections, its steps, its imports)
-OWN_STEPS = {"imports", "initialize", "run", "finalize", "train", "validate"}
+#: ``validate`` sections, its steps, its imports, the data it reads (``dataset_dir``), whether it
+#: trains a new model (``new_model``))
+OWN_STEPS = {"imports", "initialize", "run", "finalize", "train", "validate", "new_model", "dataset_dir"}
 #: a fingerprint for resolving preprocessing without a trained bundle's fingerprint.json
 FINGERPRINT = {"lower": -350.0, "upper": 80.0, "mean": 30.0, "std": 65.0}
 
@@ -67,6 +68,12 @@ def parser(bundle: str, workflow: str, **overrides) -> ConfigParser:
     for key, value in overrides.items():
         p[key] = value
     return p
+
+
+def defaults(bundle: str, workflow: str, tmp_path, **overrides) -> ConfigParser:
+    """The config's own values: no weights record to follow (``models/model.pt`` of a fresh
+    clone is the shipped demo network's, which ``stmt_monai.bundle.recorded`` would give)."""
+    return parser(bundle, workflow, model_path=str(tmp_path / "none" / "model.pt"), **overrides)
 
 
 def flat(transform) -> list:
@@ -136,12 +143,12 @@ PAPER = {
 
 
 @pytest.mark.parametrize("name", list(PAPER))
-def test_training_defaults_are_the_papers(name):
+def test_training_defaults_are_the_papers(name, tmp_path):
     """SGD with Nesterov momentum 0.99, initial lr 0.01, poly decay, 500 epochs; batch sizes
     2/3/2; lambda1 = 1, lambda2 = 0.5 (self-training, eq. (1)), lambda = 1 and EMA decay 0.99
     (mean teacher, eq. (2))."""
     paper = PAPER[name]
-    p = parser(name, "train", network="$torch.nn.Linear(1, 1)")  # the optimiser without the 3D network
+    p = defaults(name, "train", tmp_path, network="$torch.nn.Linear(1, 1)")  # the optimiser without the 3D network
     optimizer = p.get_parsed_content("optimizer")
     assert type(optimizer) is torch.optim.SGD
     group = optimizer.param_groups[0]
@@ -161,11 +168,11 @@ def test_training_defaults_are_the_papers(name):
 
 
 @pytest.mark.parametrize("name", list(PAPER))
-def test_student_network_is_the_papers(name):
+def test_student_network_is_the_papers(name, tmp_path):
     """The student (section 3.2): a Res-UNet with 16 base channels and 5 down-samplings, run on
     the whole input (128^3 stage 1, 192^3 stage 2), built as the stock MONAI Label app and the
     model zoo's checks build it: ``network_def`` of ``inference.json`` alone."""
-    p = parser(name, "inference")
+    p = defaults(name, "inference", tmp_path)
     network = p.get_parsed_content("network_def")
     assert isinstance(network, DynUNet) and isinstance(network.input_block, UnetResBlock)  # residual units
     assert network.filters[0] == 16 and len(network.strides) - 1 == 5

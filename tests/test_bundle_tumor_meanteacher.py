@@ -266,9 +266,12 @@ def trained(tumor_data):
 @pytest.mark.slow
 def test_train_keeps_student_and_teacher(trained):
     assert "val_dice_student" in trained["log"] and "val_dice_teacher" in trained["log"]
-    best = torch.load(trained["ckpt_dir"] / "model.pt", map_location="cpu", weights_only=True)
+    best = torch.load(trained["ckpt_dir"] / "mean_teacher.pt", map_location="cpu", weights_only=True)
     assert set(best) == {"student", "teacher"}
     assert best["student"].keys() == best["teacher"].keys()
+    # model.pt: the network the bundle serves (inference_network, the teacher), bare as the model zoo stores it
+    served = torch.load(trained["ckpt_dir"] / "model.pt", map_location="cpu", weights_only=True)
+    assert served.keys() == best["teacher"].keys() and all(torch.equal(served[k], best["teacher"][k]) for k in served)
     last = torch.load(trained["ckpt_dir"] / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert {"network", "teacher", "optimizer", "lr_scheduler", "trainer", "best_checkpoint"} <= set(last)
     # a few iterations at decay 0.99: the teacher moved, but only a little of the way to the student

@@ -21,6 +21,7 @@ import json
 import runpy
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,4 +213,91 @@ def test_readme_fst_command(tiny_cohort, tmp_path):
         log_dir=str(tmp_path / "logs"), max_epochs="1", val_interval="1", **TINY,
     )
     assert "val_dice_student" in log
-    assert set(torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)) == {"student", "teacher"}
+    pair = torch.load(ckpt_dir / "mean_teacher.pt", map_location="cpu", weights_only=True)
+    served = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)  # bare: the student
+    assert set(pair) == {"student", "teacher"} and all(torch.equal(served[k], pair["student"][k]) for k in served)
+
+
+# ----------------------------------------------------------------------------- the model zoo's checks
+# What Project-MONAI/model-zoo's ci/verify_bundle.py checks in its full mode, offline, on each
+# bundle as shipped: the necessary and preferred files, the metadata against MONAI's schema with
+# its version in the changelog (test_verify_metadata_offline above), the workflows' properties
+# (monai.bundle.create_workflow(...).check_properties()), and the network checks with
+# inference.json alone: verify_net_in_out at the metadata's shape and ckpt_export of models/model.pt.
+# The cascade has no network of its own (it chains the three stage bundles' networks): the files,
+# the metadata and its inference workflow, not the network checks.
+ZOO_FILES = ("configs/metadata.json", "configs/inference.json", "LICENSE", "docs/README.md")
+
+
+@pytest.mark.parametrize("name", BUNDLE_NAMES)
+def test_zoo_necessary_and_preferred_files(name):
+    bundle = BUNDLES / name
+    missing = [f for f in ZOO_FILES if not (bundle / f).is_file()]
+    if name in STAGE_BUNDLES.values():
+        missing += [f for f in ("models/model.pt", "configs/train.json", "models/large_files.yml") if not (bundle / f).is_file()]
+    assert not missing, f"{name}: {missing}"
+
+
+@pytest.mark.parametrize("name", list(STAGE_BUNDLES.values()))
+def test_zoo_infer_workflow_properties(name, monkeypatch):
+    from monai.bundle import create_workflow
+
+    monkeypatch.chdir(REPO)
+    bundle = BUNDLES / name
+    workflow = create_workflow(
+        config_file=str(bundle / "configs" / "inference.json"), meta_file=str(bundle / "configs" / "metadata.json"), workflow_type="infer"
+    )
+    assert not workflow.check_properties()
+
+
+@pytest.mark.parametrize("name", list(STAGE_BUNDLES.values()))
+def test_zoo_train_workflow_properties(name, tiny_cohort, tmp_path, monkeypatch):
+    """train.json read alone as a "train" workflow (on the tiny prepared cohort: the properties
+    are built, datasets included; its initialize writes into a temporary bundle_root); the organ
+    bundle's teacher workflow too."""
+    from monai.bundle import create_workflow
+
+    monkeypatch.chdir(REPO)
+    bundle = BUNDLES / name
+    overrides = {"bundle_root": str(tmp_path), "prepared_dir": str(tiny_cohort.prepared), "pseudo_datalist": [], "num_workers": 0}
+    for config in ("train.json", "train_teacher.json"):
+        if not (bundle / "configs" / config).is_file():
+            continue
+        workflow = create_workflow(
+            config_file=str(bundle / "configs" / config), meta_file=str(bundle / "configs" / "metadata.json"), workflow_type="train",
+            **overrides,
+        )
+        assert not workflow.check_properties(), config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(STAGE_BUNDLES.values()))
+def test_zoo_network_checks_with_inference_json_alone(name, tmp_path, monkeypatch):
+    """verify_net_in_out at the metadata's input shape and ckpt_export of the shipped
+    models/model.pt, each given inference.json alone: the network is built for the weights (their
+    record), and the TorchScript holds exactly those weights."""
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(REPO)
+    bundle = BUNDLES / name
+    config, meta = str(bundle / "configs" / "inference.json"), str(bundle / "configs" / "metadata.json")
+    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=str(bundle))
+    ckpt_export(
+        net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(bundle / "models" / "model.pt"),
+        meta_file=meta, config_file=config, bundle_root=str(bundle),
+    )
+    exported = torch.jit.load(str(tmp_path / "model.ts")).state_dict()
+    weights = load_weights(bundle / "models" / "model.pt")
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
+
+
+def test_zoo_cascade_inference_workflow_runs_alone():
+    """The cascade's inference.json parses alone (its ids resolve without any other config)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "cascade" / "configs" / "inference.json"))
+    parser["bundle_root"] = str(BUNDLES / "cascade")
+    assert parser.get_parsed_content("stage_bundles").keys() == set(STAGE_BUNDLES)
+    assert Path(parser.get_parsed_content("input")).is_file()

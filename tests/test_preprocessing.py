@@ -274,3 +274,43 @@ def test_resample_to_shape_keeps_the_field_of_view(real_ct, real_organs):
     small, small_affine = resample_to_shape(image, image_affine, (61, 50, 56))
     assert small.dtype == np.float32 and abs(float(small.mean()) - float(image.mean())) < 5  # HU
     assert np.allclose(np.linalg.norm(small_affine[:3, :3], axis=0), np.linalg.norm(image_affine[:3, :3], axis=0) * np.divide(image.shape, (61, 50, 56)))
+
+
+# ----------------------------------------------------------------------------- writers keep the input's grid
+@pytest.mark.parametrize("source", ["real_ct", "real_dicom"])
+def test_restored_labels_carry_the_input_geometry_for_any_monai_writer(source, request, tmp_path):
+    """LoadStageInputd gives the input's geometry under MONAI's meta keys and RestoreLabelMapd a
+    MetaTensor carrying it: MONAI's stock SaveImaged then writes the labels on the input's exact
+    grid (NIfTI file and DICOM series alike), as SaveLabelMapd does with FLARE names, uint8 values
+    and, for a stage, FLARE labels (tumor 14), writing the ROI JSON beside the mask."""
+    from monai.transforms import SaveImaged
+
+    from stmt_monai.preprocessing.transforms import AbdomenRoid, SaveLabelMapd
+
+    path = request.getfixturevalue(source)
+    image, affine = load_image(path)
+    fingerprint = {"lower": -350.0, "upper": 80.0, "mean": 30.0, "std": 65.0}
+    case = stage_transforms("tumor", fingerprint, (32, 32, 32))({"image": str(path)})
+    assert case["image_meta_dict"]["filename_or_obj"] == str(path)
+    np.testing.assert_array_equal(case["image_meta_dict"]["spatial_shape"], image.shape)
+    pred = torch.zeros(1, 32, 32, 32)
+    pred[:, 10:20, 10:20, 10:20] = 1
+    case = AbdomenRoid("pred")({**case, "pred": pred})  # stage 1's ROI, to be written beside the mask
+    case = RestoreLabelMapd("pred")(case)
+    np.testing.assert_allclose(case["pred"].affine.numpy(), affine)
+
+    SaveImaged("pred", output_dir=tmp_path / "stock", output_postfix="seg", separate_folder=False, resample=False, print_log=False)(case)
+    out = SaveLabelMapd(tmp_path / "flare", "pred", stage="tumor")(case)
+    assert torch.equal(out["pred"], case["pred"])  # the data keeps the channel values
+    name = path.name.removesuffix(".nii.gz")
+    stock = nib.load(tmp_path / "stock" / f"{name}_seg.nii.gz")
+    flare = nib.load(out["pred_path"])
+    assert out["pred_path"] == str(tmp_path / "flare" / f"{name}.nii.gz")
+    for written in (stock, flare):
+        assert written.shape == image.shape
+        np.testing.assert_allclose(written.affine, affine, atol=1e-5)
+    expected = case["pred"][0].numpy()
+    np.testing.assert_array_equal(np.asarray(stock.dataobj), expected)
+    assert flare.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(flare.dataobj), np.where(expected > 0, TUMOR, 0))
+    assert sorted(p.name for p in (tmp_path / "flare").iterdir()) == sorted([f"{name}.nii.gz", f"{name}_roi.json"])  # no leftovers

@@ -33,7 +33,8 @@ class StreamBatchSampler(Sampler):
     different cases, in the same proportions, and the same number of batches.
 
     Args:
-        data: the datalist; ``data[i][stream_key]`` names item ``i``'s stream.
+        data: the datalist; ``data[i][stream_key]`` names item ``i``'s stream, ``default_stream``
+            (fully labelled) where it has none (a MONAI Label datastore's image with its label).
         batch_size: cases per batch (per rank).
         num_batches: batches per epoch; default ``ceil(len(data) / (batch_size * num_replicas))``.
         streams: stream names, in round-robin order.
@@ -49,12 +50,13 @@ class StreamBatchSampler(Sampler):
         num_batches: int | None = None,
         streams: Sequence[str] = STREAMS,
         stream_key: str = "stream",
+        default_stream: str = STREAMS[0],
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
     ):
         self.batch_size = int(batch_size)
-        self.indices = {s: [i for i, item in enumerate(data) if item[stream_key] == s] for s in streams}
+        self.indices = {s: [i for i, item in enumerate(data) if item.get(stream_key, default_stream) == s] for s in streams}
         self.streams = [s for s in streams if self.indices[s]]
         if not self.streams:
             raise ValueError("no case belongs to any of the streams " + ", ".join(streams))

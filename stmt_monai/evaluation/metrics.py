@@ -16,6 +16,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
+from monai.metrics import DiceMetric
 from scipy import ndimage
 
 from stmt_monai.labels import (
@@ -301,3 +303,24 @@ def scores_to_rows(case_scores: Mapping[str, Mapping[int, Mapping[str, float]]])
         for case, scores in case_scores.items()
         for label, s in scores.items()
     ]
+
+
+
+class PresentDiceMetric(DiceMetric):
+    """Validation Dice over the cases whose label holds the class (the tumor network's).
+
+    MONAI's :class:`~monai.metrics.DiceMetric` with ``ignore_empty=True``: a case whose label has
+    no tumor is not scored (NaN in the per-case values) instead of counting 1 when the prediction
+    is empty too (the FLARE rule the organ validation keeps). When no case has a tumor,
+    :meth:`aggregate` is NaN, "no tumor", where MONAI's own reduction gives 0.
+
+    Args:
+        num_classes, include_background: as ``DiceMetric``'s.
+    """
+
+    def __init__(self, num_classes: int | None = None, include_background: bool = False):
+        super().__init__(include_background=include_background, ignore_empty=True, get_not_nans=True, num_classes=num_classes)
+
+    def aggregate(self, reduction=None):
+        value, scored = super().aggregate(reduction)
+        return torch.where(scored > 0, value, torch.full_like(value, float("nan")))

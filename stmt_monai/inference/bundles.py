@@ -60,7 +60,9 @@ def bundle_config(bundle_root: str | os.PathLike, weights: str = "auto"):
       (``base_channels``, ``num_downsamplings``, ``max_channels``, ``spatial_size``)
       and ``ckpt_dir`` (``models/demo``), exactly as ``stmt-train-demo`` trained them;
     - ``"auto"``: ``"trained"`` if the trained weights file exists, else ``"demo"`` if the bundle
-      has ``configs/demo.json``, else ``"trained"`` (whose missing file is then reported).
+      has ``configs/demo.json``, else ``"trained"`` (whose missing file is then reported). A fresh
+      clone's ``models/model.pt`` is a link to the demo weights (so that MONAI tools, which look
+      there, find them; :func:`is_shipped_demo`): that is ``"demo"``, not trained weights.
 
     Weights carry their network: the record beside the chosen weights (``models/model.json``,
     ``models/demo/model.json``; :func:`stmt_monai.bundle.read_record`), which every training
@@ -87,10 +89,13 @@ def bundle_config(bundle_root: str | os.PathLike, weights: str = "auto"):
         return parser
 
     kind = weights
+    trained = weights_path(parse([]))
     if weights == "auto":
         kind = "trained"
-        if not weights_path(parse([])).is_file() and demo_file.is_file():
+        if (not trained.is_file() or is_shipped_demo(trained)) and demo_file.is_file():
             kind = "demo"
+    elif weights == "trained" and is_shipped_demo(trained):
+        raise FileNotFoundError(f"{trained}: no trained weights, only the link to the shipped demo weights (train the bundle, or use the demo weights)")
     if kind == "demo" and not demo_file.is_file():
         raise FileNotFoundError(f"{root}: no {DEMO_CONFIG} (demo weights not installed; run stmt-train-demo)")
     parser = parse([demo_file] if kind == "demo" else [])
@@ -125,6 +130,13 @@ def load_network(bundle_root: str | os.PathLike, weights: str = "auto"):
     network = parser.get_parsed_content("network_def")
     load_network_state(network, load_weights(path, parser.get("inference_network")), path)
     return network.eval(), parser, kind
+
+
+def is_shipped_demo(weights: str | os.PathLike) -> bool:
+    """Whether a bundle's ``models/model.pt`` is the link a fresh clone has to its shipped demo
+    weights (``models/demo/model.pt``), rather than weights a training wrote."""
+    path = Path(weights)
+    return path.is_symlink() and path.resolve().parent == (path.parent / "demo").resolve()
 
 
 def weights_path(parser) -> Path:
@@ -201,8 +213,8 @@ def random_weights(bundle_root: str | os.PathLike, fingerprint: Fingerprint, wei
     """Give a bundle randomly initialised weights and a fingerprint (tests and timing benchmarks).
 
     Builds the bundle's network as :func:`bundle_config` does for ``weights`` and writes its
-    initial state to the weights path (under the ``inference_network`` key where the bundle
-    has one) and ``fingerprint`` beside it.
+    initial state to the weights path (a bare state dict, as the model zoo stores ``model.pt``)
+    and ``fingerprint`` beside it.
     """
     parser, _ = bundle_config(bundle_root, weights)
     torch.manual_seed(seed)
@@ -210,7 +222,7 @@ def random_weights(bundle_root: str | os.PathLike, fingerprint: Fingerprint, wei
     path = weights_path(parser)
     fingerprint.save(parser.get_parsed_content("fingerprint"))
     write_record(path, network_record(parser))
-    return save_weights(path, network.state_dict(), key=parser.get("inference_network"))
+    return save_weights(path, network.state_dict())
 
 #: the config ids a stage network and its input are built from: what a training records beside
 #: its weights (the ``record`` of ``validate#best_checkpoint`` in each stage bundle's train.json)

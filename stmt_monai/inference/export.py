@@ -66,6 +66,16 @@ def example_input(parser, batch: int = 1) -> torch.Tensor:
     return torch.zeros(batch, int(parser.get_parsed_content("in_channels")), *size)
 
 
+def stored_key(ckpt: str | os.PathLike, key: str | None) -> str:
+    """``ckpt_export``'s ``key_in_ckpt``: ``key`` when ``ckpt`` stores the network under it (a
+    tumor bundle trained before 0.3.0: ``{"student", "teacher"}``), else ``""`` (a bare state
+    dict, the model zoo's ``model.pt``)."""
+    if not key:
+        return ""
+    stored = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    return key if isinstance(stored.get(key), dict) else ""
+
+
 def export_torchscript(bundle_root: str | os.PathLike, weights: str = "auto", filepath: str | os.PathLike | None = None) -> Path:
     """TorchScript of the bundle's network by ``monai.bundle.ckpt_export`` (scripted).
 
@@ -91,7 +101,7 @@ def export_torchscript(bundle_root: str | os.PathLike, weights: str = "auto", fi
             ckpt_file=str(ckpt),
             meta_file=str(Path(bundle_root).resolve() / "configs" / "metadata.json"),
             config_file=config_files(bundle_root, kind),
-            key_in_ckpt=parser.get("inference_network"),
+            key_in_ckpt=stored_key(ckpt, parser.get("inference_network")),
             bundle_root=str(Path(bundle_root).resolve()),
             **read_record(ckpt),  # the network the weights were trained with
         )

@@ -116,3 +116,29 @@ def foreground_fingerprint(
         num_cases=len(pooled),
         num_voxels=int(values.size),
     )
+
+
+def training_fingerprint(dataset_fingerprint: str | os.PathLike, fingerprint: str | os.PathLike) -> Path:
+    """The fingerprint a training run normalises with, kept beside its weights (a train
+    config's ``initialize``), so that inference normalises as training did.
+
+    A run from a prepared dataset copies the dataset's (``stmt-prepare-data``'s
+    ``fingerprint.json``; atomically, so a link to the shipped demo's is replaced, never written
+    through). A run without one (MONAI Label's bundle training on its datastore) continues the
+    weights it serves and keeps their fingerprint.
+
+    Args:
+        dataset_fingerprint: the prepared dataset's ``fingerprint.json``.
+        fingerprint: the one beside the weights (``models/fingerprint.json``).
+
+    Returns:
+        ``fingerprint``.
+
+    Raises:
+        ImageError: neither file is there (one line naming the dataset's and saying how to make it).
+    """
+    if Path(dataset_fingerprint).is_file():
+        return Fingerprint.load(dataset_fingerprint).save(fingerprint)
+    if Path(fingerprint).is_file():
+        return Path(fingerprint)
+    raise ImageError(dataset_fingerprint, f"fingerprint file not found, nor {fingerprint} beside the weights (run stmt-prepare-data first)")

@@ -12,6 +12,15 @@ The bundles' evaluate and inference configs undo it with the post-processing tra
 :class:`ToFlareLabelsd` (channel indices to FLARE labels), :class:`SaveLabelMapd`,
 :class:`LoadTargetd` (the target at full resolution, for scoring) and :class:`AbdomenRoid`
 (stage 1's region of interest, for stage 2).
+
+The input's geometry travels as MONAI's writers and MONAI Label read it: :class:`LoadStageInputd`
+puts the file's ``filename_or_obj``, ``affine`` (= ``original_affine``, RAS mm) and
+``spatial_shape`` under ``image_meta_dict`` (:func:`case_meta`), and :class:`RestoreLabelMapd`
+returns the restored labels as a :class:`~monai.data.MetaTensor` carrying them, so any MONAI
+writer (``SaveImaged``, MONAI Label's ``Restored`` + ``Writer``) keeps the input's grid.
+:class:`SaveLabelMapd` is MONAI's ``SaveImaged`` for label maps (FLARE names, uint8, atomic), so
+MONAI Label's bundle task, which drops the bundle's ``SaveImaged`` and writes its own answer,
+writes nothing into the bundle.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -38,10 +48,12 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandSimulateLowResolutiond,
+    SaveImaged,
     SpatialPadd,
 )
+from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
-from stmt_monai.io import case_name, load_image, load_label, write_text_atomic
+from stmt_monai.io import atomic_path, case_name, load_image, load_label, write_text_atomic
 from stmt_monai.labels import STAGES, stage_output_map, stage_target_map
 from stmt_monai.preprocessing.fingerprint import Fingerprint
 from stmt_monai.preprocessing.geometry import CaseGeometry
@@ -55,6 +67,8 @@ from stmt_monai.preprocessing.stage_input import prepare_volume
 IMAGE, LABEL, ROI, GEOMETRY, STREAM = "image", "label", "roi", "geometry", "stream"
 #: key of the image's voxel-to-world affine between :class:`LoadCased` and :class:`LoadStageInputd`
 IMAGE_AFFINE = "image_affine"
+#: the input's metadata as MONAI names it (``<key>_meta_dict``; see :func:`case_meta`)
+IMAGE_META = f"{IMAGE}_meta_dict"
 
 
 #: value of an item's ``roi`` that means "no crop: the whole image is the region of interest"
@@ -69,6 +83,30 @@ def as_fingerprint(fingerprint: Fingerprint | Mapping | str | os.PathLike) -> Fi
     if isinstance(fingerprint, Mapping):
         return Fingerprint(**fingerprint)
     return Fingerprint.load(fingerprint)
+
+
+def case_meta(path: str | os.PathLike, affine: np.ndarray, shape: Sequence[int]) -> dict:
+    """An input file's geometry under MONAI's metadata keys, as ``LoadImaged`` would give it.
+
+    Args:
+        path: the image file or DICOM folder (``filename_or_obj``: writers name outputs after it).
+        affine: its 4 x 4 voxel-to-world matrix, RAS mm (``affine`` and ``original_affine``).
+        shape: its spatial shape in the file's voxel order (``spatial_shape``).
+
+    Returns:
+        ``{"filename_or_obj", "affine", "original_affine", "spatial_shape", "original_channel_dim",
+        "space"}``: what MONAI's ``SaveImaged`` and MONAI Label's ``Restored`` / ``Writer`` read
+        to put a label map back on the input's grid.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    return {
+        ImageMetaKey.FILENAME_OR_OBJ: str(path),
+        MetaKeys.AFFINE: affine.copy(),
+        MetaKeys.ORIGINAL_AFFINE: affine.copy(),
+        MetaKeys.SPATIAL_SHAPE: np.asarray(shape, dtype=np.int64),
+        MetaKeys.ORIGINAL_CHANNEL_DIM: "no_channel",
+        MetaKeys.SPACE: SpaceKeys.RAS.value,
+    }
 
 
 def target_lookup(stage: str) -> np.ndarray:
@@ -128,7 +166,8 @@ class LoadStageInputd(MapTransform, Randomizable):
     *spatial_size)`` uint8 stage target, all cropped with the same box; ``geometry`` a JSON string
     of the :class:`~stmt_monai.preprocessing.geometry.CaseGeometry` (collates as a list of
     strings), used by :class:`RestoreLabelMapd`; paths are kept under ``image_path`` /
-    ``<label key>_path``.
+    ``<label key>_path``; ``image_meta_dict`` holds the input file's geometry under MONAI's keys
+    (:func:`case_meta`), which MONAI's writers and MONAI Label read.
 
     Args:
         stage: ``"abdomen"`` (whole volume), ``"organ"`` or ``"tumor"`` (region of interest).
@@ -191,6 +230,7 @@ class LoadStageInputd(MapTransform, Randomizable):
             target_spacing_mm=self.target_spacing_mm,
         )
         d[image_key] = self.fingerprint.normalize(net_image).float()
+        d[f"{image_key}_meta_dict"] = case_meta(d["image_path"], affine, image.shape)
         for key, net_label in zip(labels, net_labels):
             d[key] = self.lut[net_label.long()]
         d.pop(ROI, None)
@@ -311,22 +351,28 @@ class RestoreLabelMapd(MapTransform):
     """Post-processing: a network-resolution label map back to the input file's grid.
 
     Reads ``geometry`` (JSON string from :class:`LoadStageInputd`) and replaces ``keys``
-    (``(1, X', Y', Z')`` labels) with ``(1, X, Y, Z)`` uint8 labels in the input's voxel order.
+    (``(1, X', Y', Z')`` labels) with ``(1, X, Y, Z)`` uint8 labels in the input's voxel order, as
+    a :class:`~monai.data.MetaTensor` whose metadata is the input's (``meta_key``, else built
+    from the geometry; :func:`case_meta`): its affine is the input file's, so MONAI's writers
+    keep the input's grid.
     """
 
-    def __init__(self, keys: KeysCollection = ("pred",), geometry_key: str = GEOMETRY):
+    def __init__(self, keys: KeysCollection = ("pred",), geometry_key: str = GEOMETRY, meta_key: str = IMAGE_META):
         super().__init__(keys)
-        self.geometry_key = geometry_key
+        self.geometry_key, self.meta_key = geometry_key, meta_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from stmt_monai.preprocessing.geometry import CaseGeometry, restore_label_map
 
         d = dict(data)
         geometry = CaseGeometry.from_json(d[self.geometry_key])
+        meta = dict(d.get(self.meta_key) or case_meta(d.get("image_path", ""), geometry.affine, geometry.shape))
+        affine = torch.as_tensor(np.asarray(geometry.affine, dtype=np.float64))
         for key in self.key_iterator(d):
             value = d[key]
-            value = value.detach().cpu() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-            d[key] = torch.from_numpy(restore_label_map(value, geometry))[None]
+            value = value.detach().cpu().as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value).detach().cpu()
+            labels = torch.from_numpy(restore_label_map(value, geometry))[None]
+            d[key] = MetaTensor(labels, meta={**meta, MetaKeys.AFFINE: affine})
         return d
 
 
@@ -346,39 +392,77 @@ class ToFlareLabelsd(MapLabelValued):
         super().__init__(keys, orig, target, dtype=np.uint8, allow_missing_keys=allow_missing_keys)
 
 
-class SaveLabelMapd(MapTransform):
-    """Write ``key`` (``(1, X, Y, Z)`` labels on the input's grid, from :class:`RestoreLabelMapd`)
-    as ``<output_dir>/<case>.nii.gz`` (FLARE naming), atomically, with the input's affine.
+class AtomicNibabelWriter(NibabelWriter):
+    """MONAI's NIfTI writer, writing to a temporary name beside the file and renaming it into
+    place, so that an interrupted run never leaves a half-written label map."""
+
+    def write(self, filename, verbose: bool = False, **obj_kwargs):
+        tmp, final = atomic_path(filename)
+        try:
+            super().write(tmp, verbose=verbose, **obj_kwargs)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def flare_output_name(meta: Mapping, saver=None) -> dict:
+    """``SaveImaged``'s ``output_name_formatter`` for FLARE names: ``<case>`` of the input
+    (``FLARE23_0001_0000.nii.gz`` -> ``FLARE23_0001``; a DICOM folder by its name)."""
+    return {"subject": case_name(meta[ImageMetaKey.FILENAME_OR_OBJ]), "idx": meta.get(ImageMetaKey.PATCH_INDEX)}
+
+
+class SaveLabelMapd(SaveImaged):
+    """Write label maps on the input's grid as ``<output_dir>/<case><output_postfix>.nii.gz``.
+
+    MONAI's :class:`~monai.transforms.SaveImaged` for the restored labels of
+    :class:`RestoreLabelMapd` (a ``MetaTensor`` with the input's affine and name): FLARE case
+    names (:func:`flare_output_name`), uint8, no resampling, written atomically
+    (:class:`AtomicNibabelWriter`). Being a ``SaveImaged``, it is what MONAI Label's bundle
+    inference drops (it returns the label map to its client instead).
 
     Args:
         output_dir: destination folder.
         keys: label key (``"pred"``).
-        geometry_key, image_path_key: where the case's geometry and input path are.
         output_postfix: appended to the case name (``""`` gives FLARE's ``<case>.nii.gz``).
+        stage: write the stage's channel indices as FLARE labels (:class:`ToFlareLabelsd`, e.g.
+            the tumor channel 1 as 14); the data keeps the channel indices.
+        roi_key: when the data holds stage 1's region of interest there (:class:`AbdomenRoid`),
+            it is written beside the mask as ``<case>_roi.json`` (atomically).
     """
 
     def __init__(
         self,
         output_dir: str | os.PathLike,
         keys: KeysCollection = ("pred",),
-        geometry_key: str = GEOMETRY,
-        image_path_key: str = "image_path",
         output_postfix: str = "",
+        stage: str | None = None,
+        roi_key: str = "abdomen_roi",
     ):
-        super().__init__(keys)
+        super().__init__(
+            keys,
+            output_dir=output_dir,
+            output_postfix=output_postfix,
+            output_ext=".nii.gz",
+            output_dtype=np.uint8,
+            resample=False,
+            separate_folder=False,
+            print_log=False,
+            output_name_formatter=flare_output_name,
+            writer=AtomicNibabelWriter,
+            savepath_in_metadict=True,
+        )
         self.output_dir = output_dir
-        self.geometry_key, self.image_path_key, self.output_postfix = geometry_key, image_path_key, output_postfix
+        self.to_flare = ToFlareLabelsd(keys, stage) if stage is not None else None
+        self.roi_key = roi_key
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
-        from stmt_monai.io import case_name, save_label_map
-        from stmt_monai.preprocessing.geometry import CaseGeometry
-
         d = dict(data)
-        geometry = CaseGeometry.from_json(d[self.geometry_key])
+        written = super().__call__(self.to_flare(d) if self.to_flare is not None else d)
         for key in self.key_iterator(d):
-            labels = torch.as_tensor(d[key]).detach().cpu().numpy().reshape(geometry.shape)
-            name = f"{case_name(d[self.image_path_key])}{self.output_postfix}.nii.gz"
-            d[f"{key}_path"] = str(save_label_map(os.path.join(self.output_dir, name), labels, geometry.affine))
+            d[f"{key}_path"] = str(written[key].meta[MetaKeys.SAVED_TO])
+        if isinstance(d.get(self.roi_key), Mapping):
+            roi = d[self.roi_key]
+            write_text_atomic(os.path.join(self.output_dir, f"{roi['case']}_roi.json"), json.dumps(roi, indent=1) + "\n")
         return d
 
 

@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 #: reduced Res-UNet of every demo network: 8 base channels, 4 down-samplings, at most 128
 #: channels (1.42 M parameters, 2.9 MB in fp16; the paper's student has 16.7 M)
-DEMO_NETWORK = {"base_channels": 8, "num_downsamplings": 4, "network_def#max_channels": 128}
+DEMO_NETWORK = {"base_channels": 8, "num_downsamplings": 4, "max_channels": 128}
 #: demo input sizes (multiples of 2**4); the paper's are 128^3 and 192^3. A CPU trains the
 #: organ student at 96^3 (batch 3, augmentations) at ~15 s an iteration: too slow for a demo
 DEMO_SIZES = {"abdomen": [48, 48, 48], "organ": [64, 64, 64], "tumor": [64, 64, 64]}
@@ -101,7 +101,7 @@ def finalize(bundle: Path, record: Mapping) -> dict:
     ckpt = Path(parser.get_parsed_content("ckpt_dir"))
     key = parser.get("inference_network")
     state = load_weights(ckpt / "model.pt", key)
-    save_weights(ckpt / "model.pt", state, key=key, half=True)
+    save_weights(ckpt / "model.pt", state, half=True)  # bare: the model zoo's model.pt
     for leftover in ckpt.iterdir():
         if leftover.name not in ("model.pt", record_path("model.pt").name, "fingerprint.json"):  # weights, their record
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

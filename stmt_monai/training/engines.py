@@ -23,6 +23,7 @@ import functools
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
+from monai.utils import CommonKeys
 
 from stmt_monai.training.losses import CPL, LABELLED
 from stmt_monai.training.mean_teacher import correct_tumor_pseudo_label, sigmoid_rampup
@@ -90,7 +91,7 @@ class SelfTrainingTrainer(_CpuBf16, SupervisedTrainer):
 
     Args:
         stream_key: batch key holding each item's stream name (``"labelled"``, ``"cpl"``, ``"pl"``),
-            collated as a list of strings.
+            collated as a list of strings; a batch without it is fully labelled.
         cpu_bf16: forward pass under CPU bfloat16 autocast (:class:`Bf16Forward`).
         *args, **kwargs: as ``monai.engines.SupervisedTrainer``; ``loss_function`` is a
             :class:`stmt_monai.training.losses.WeightedStreamsLoss`.
@@ -109,7 +110,9 @@ class SelfTrainingTrainer(_CpuBf16, SupervisedTrainer):
 
     def _iteration(self, engine, batchdata):
         loss_function = engine.loss_function
-        engine.loss_function = functools.partial(loss_function, stream=list(batchdata[self.stream_key]))
+        # a batch without stream tags (MONAI Label's datastore cases) is fully labelled
+        streams = batchdata.get(self.stream_key) or [LABELLED] * len(batchdata[CommonKeys.IMAGE])
+        engine.loss_function = functools.partial(loss_function, stream=list(streams))
         try:
             output = self._bf16_iteration(engine, batchdata)
         finally:

@@ -16,6 +16,7 @@ checkpoint through MONAI's ``CheckpointLoader``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -230,6 +231,9 @@ class BestCheckpoint:
         record: ``{config id: value}`` of the network, e.g. ``{"spatial_size": "@spatial_size",
             "base_channels": "@base_channels", ...}`` in a bundle config.
 
+    A NaN metric (no validation case holds the target: the tumor bundle's validation over cases
+    without a tumor) selects nothing: it is logged as such and the latest weights are saved.
+
     Its ``state_dict`` holds the best value, so it can be resumed with the rest of the training.
     """
 
@@ -254,21 +258,28 @@ class BestCheckpoint:
     def __call__(self, engine: Engine) -> None:
         name = self.metric_name or getattr(engine.state, "key_metric_name", None) or next(iter(engine.state.metrics))
         value = float(engine.state.metrics[name])
-        if value > self.best:
-            self.best = value
-            if self.record is not None and is_main_process():
-                write_record(self.save_path, self.record)
-            if len(self.save_dict) == 1 and is_main_process():
-                tmp, final = atomic_path(self.save_path)
-                try:
-                    torch.save(_state_dict(next(iter(self.save_dict.values()))), tmp)
-                    os.replace(tmp, final)
-                finally:
-                    tmp.unlink(missing_ok=True)
-            else:
-                save_checkpoint(self.save_path, self.save_dict)
+        if math.isnan(value):
+            # no validation case holds the target (the tumor bundle's Dice over the cases with a
+            # tumor, stmt_monai.evaluation.metrics.PresentDiceMetric): nothing to select on
             if is_main_process():
-                logger.info(f"{name} improved to {value:.4f}: saved {self.save_path}")
+                logger.info(f"{name}: nan, no validation label holds the target (no tumor): not scored; saving this epoch's weights")
+        elif value > self.best:
+            self.best = value
+        else:
+            return
+        if self.record is not None and is_main_process():
+            write_record(self.save_path, self.record)
+        if len(self.save_dict) == 1 and is_main_process():
+            tmp, final = atomic_path(self.save_path)
+            try:
+                torch.save(_state_dict(next(iter(self.save_dict.values()))), tmp)
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+        else:
+            save_checkpoint(self.save_path, self.save_dict)
+        if is_main_process() and not math.isnan(value):
+            logger.info(f"{name} improved to {value:.4f}: saved {self.save_path}")
 
 
 class WeightsLoader(CheckpointLoader):

@@ -102,3 +102,37 @@ def ema_teacher(
     if int(warmup_iters) > 0:
         warmup = {"momentum_warmup": 1.0 - float(warmup_decay), "warmup_iters": int(warmup_iters)}
     return EMAHandler(student, momentum=1.0 - float(decay), handle_buffers=handle_buffers, **warmup)
+
+
+def attach_teacher(ema, trainer) -> None:
+    """Attach the mean teacher (:func:`ema_teacher`) to ``trainer``.
+
+    At the start of a run the teacher takes the student's weights, then follows eq. (2) after
+    every iteration. A run that starts from loaded weights (MONAI Label's ``pretrained``, whose
+    loader runs first) so averages from them rather than from the random initialisation; a
+    resumed run's checkpoint (:class:`stmt_monai.training.handlers.ResumableCheckpoint`, attached
+    after this) then restores the teacher it had.
+
+    Args:
+        ema: the ``EMAHandler`` of :func:`ema_teacher`.
+        trainer: the training engine (:class:`stmt_monai.training.engines.MeanTeacherTrainer`).
+    """
+    from ignite.engine import Events
+
+    def start_from_student(_engine) -> None:
+        ema.ema_model.load_state_dict(ema.model.state_dict())
+
+    trainer.add_event_handler(Events.STARTED, start_from_student)
+    ema.attach(trainer)
+
+
+def inference_network(student: torch.nn.Module, teacher: torch.nn.Module, which: str = "teacher") -> torch.nn.Module:
+    """The network a tumor bundle serves and saves as ``models/model.pt``: the EMA ``teacher``
+    (the paper's) or the ``student`` (FST, ``lambda = 0``).
+
+    Raises:
+        ValueError: ``which`` is neither.
+    """
+    if which not in ("student", "teacher"):
+        raise ValueError(f"inference_network must be 'student' or 'teacher', got {which!r}")
+    return teacher if which == "teacher" else student

@@ -1,13 +1,11 @@
-"""MONAI Label inference tasks over the repository's bundles.
+"""MONAI Label inference task of the ``cascade`` bundle, the one thing MONAI Label's stock
+``monaibundle`` app cannot serve (it chains three bundles; the stage bundles themselves are
+served and trained by the stock app, see README.md beside this file).
 
-- :class:`CascadeInferTask`: the ``cascade`` bundle (``stmt_monai.inference.cascade.Cascade``: coarse
-  abdomen, then the organ and tumor students on the region of interest), CT in, FLARE label
-  map (0 background, 1..13 organs, 14 tumor) out on the input's grid.
-- :class:`StageBundleInferTask`: one stage bundle alone (``coarse_abdomen``, ``organ_selftrain``,
-  ``tumor_meanteacher``) through MONAI Label's :class:`BundleInferTask`, with the bundle's
-  ``preprocessing``, ``inferer`` and ``postprocessing`` ids.
-
-Both write their label map with :func:`stmt_monai.io.save_label_map`, the writer of ``stmt-segment``.
+:class:`CascadeInferTask`: ``stmt_monai.inference.cascade.Cascade`` (coarse abdomen, then the organ
+and tumor students on the region of interest), CT in, FLARE label map (0 background, 1..13
+organs, 14 tumor) out on the input's grid, written with :func:`stmt_monai.io.save_label_map`,
+the writer of ``stmt-segment``.
 """
 
 from __future__ import annotations
@@ -22,20 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from monai.bundle import ConfigParser
-from monai.transforms import SaveImaged
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-from monailabel.tasks.infer.bundle import BundleConstants, BundleInferTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
 from stmt_monai.bundle import config_files
 from stmt_monai.inference.bundles import bundle_config, weights_path
 from stmt_monai.inference.cascade import Cascade
 from stmt_monai.io import save_label_map
-from stmt_monai.labels import stage_output_map
-from stmt_monai.preprocessing.geometry import CaseGeometry
-from stmt_monai.preprocessing.transforms import GEOMETRY, SaveLabelMapd
 
 logger = logging.getLogger(__name__)
 
@@ -163,73 +155,3 @@ class CascadeInferTask(InferTask):
                 "steps": {k: round(v, 2) for k, v in result.timings.items()},
             },
         }
-
-
-class _StageConstants(BundleConstants):
-    """MONAI Label's bundle ids, with the weights file where the stage's config puts it
-    (``models/model.pt``, or ``models/demo/model.pt`` for the shipped demo weights)."""
-
-    def __init__(self, model_file: str):
-        self.model_file = model_file
-
-    def model_pytorch(self) -> str:
-        return self.model_file
-
-
-class StageBundleInferTask(BundleInferTask):
-    """One stage bundle served by MONAI Label's bundle inference.
-
-    The bundle's configs are read as ``stmt_monai`` reads them (``inference.json``, and
-    ``demo.json`` on top for the demo weights), where MONAI Label reads ``inference.json`` alone. The bundle's own writer (``SaveLabelMapd``) is dropped and the
-    label map goes back to the client instead, on the input's grid with its affine; its values
-    are FLARE labels (the tumor bundle writes 14), listed by :attr:`labels`.
-
-    A stage-2 bundle alone gets the whole CT as its region of interest (no stage-1 crop):
-    serve ``cascade`` for the organs and tumors as the paper runs them.
-
-    Args:
-        path: the bundle folder.
-        conf: the server's ``--conf`` pairs.
-        weights: ``"auto"``, ``"trained"`` or ``"demo"``.
-    """
-
-    def __init__(self, path: str | os.PathLike, conf: dict[str, str], weights: str = "auto"):
-        self.weights = weights
-        parser, self.weights_kind = bundle_config(path, weights)
-        self.stage = parser["stage"]
-        models = Path(path).resolve() / "models"
-        model_file = os.path.relpath(weights_path(parser), models)
-        super().__init__(
-            str(Path(path).resolve()),
-            conf,
-            const=_StageConstants(model_file),
-            post_filter=[SaveImaged, SaveLabelMapd],
-            add_post_restore=False,
-            load_strict=True,
-            model_state_dict=parser.get("inference_network") or "model",
-        )
-        if self.valid:
-            self.labels = self.flare_labels(self.labels)
-        # MONAI Label offers every models/*.pt; only the weights file above holds this network
-        # alone (checkpoint_last.pt is a whole training state)
-        self._config.pop("model_filename", None)
-
-    def flare_labels(self, channel_labels: dict[str, int]) -> dict[str, int]:
-        """Channel names -> the FLARE values the postprocessing writes (tumor channel 1 -> 14)."""
-        channels, values = stage_output_map(self.stage)
-        to_value = dict(zip(channels, values))
-        return {name: int(to_value[channel]) for name, channel in channel_labels.items()}
-
-    def _load_bundle_config(self, path, config):
-        parser, _ = bundle_config(path, self.weights)
-        parser["output_dir"] = None  # the server writes nothing into the bundle
-        return parser
-
-    def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[str, dict[str, Any]]:
-        """Write ``data["pred"]`` (labels on the input's grid from ``RestoreLabelMapd``)."""
-        geometry = CaseGeometry.from_json(data[GEOMETRY])
-        labels = torch.as_tensor(data[self.output_label_key]).detach().cpu().numpy().reshape(geometry.shape)
-        result = {"weights": self.weights_kind}
-        if "abdomen_roi" in data:  # stage 1's region of interest (AbdomenRoid)
-            result["roi"] = data["abdomen_roi"]
-        return write_label_map(labels, geometry.affine), result
