@@ -50,6 +50,7 @@ def segment(
     precision: str = "auto",
     strict: bool = False,
     max_memory_gb: float | None = None,
+    dicom_seg: bool = False,
 ) -> BatchResult:
     """Segment a CT file, a folder of CTs or a DICOM series folder into FLARE label maps.
 
@@ -80,6 +81,9 @@ def segment(
             logged and listed in the report's ``warnings``.
         max_memory_gb: refuse, before reading, a case whose estimated peak memory exceeds this
             (default: the memory available when the case starts).
+        dicom_seg: also write each DICOM series case's label map as a DICOM Segmentation,
+            ``<case>_seg.dcm`` (one segment per label present, SNOMED CT coded, referencing the
+            source series; :func:`stmt_monai.inference.dicom_seg.write_dicom_seg`).
 
     Returns:
         the :class:`~stmt_monai.inference.batch.BatchResult` (failed cases with their reasons).
@@ -91,6 +95,8 @@ def segment(
     result = segment_folder(
         cascade, input, output_dir, overwrite=overwrite, preview=preview, progress=progress, shard=shard, strict=strict, max_memory_bytes=max_memory_bytes
     )
+    if dicom_seg:
+        _write_dicom_segs(result, output_dir)
     print(
         f"stmt-segment: {len(result.written)} written, {len(result.skipped)} skipped (exist; --overwrite to redo), "
         f"{len(result.failed)} failed -> {os.path.abspath(output_dir)}",
@@ -101,6 +107,25 @@ def segment(
     for case, reason in result.failed:
         print(f"{case}: {reason}", file=sys.stderr)
     return result
+
+
+def _write_dicom_segs(result: BatchResult, output_dir: str) -> None:
+    """``--dicom_seg``: the DICOM SEG of each written (or kept) case that is a DICOM series folder,
+    from its mask; a case whose SEG cannot be written joins ``result.failed`` (one line)."""
+    from pathlib import Path
+
+    from stmt_monai.inference.batch import output_paths
+    from stmt_monai.inference.dicom_seg import SEG_SUFFIX, write_dicom_seg
+    from stmt_monai.io import ImageError
+
+    for case in result.written + result.skipped:
+        if not Path(case).is_dir():
+            continue
+        mask = output_paths(case, output_dir)["mask"]
+        try:
+            write_dicom_seg(mask, case, mask.with_name(mask.name.removesuffix(".nii.gz") + SEG_SUFFIX))
+        except (ImageError, ValueError) as err:
+            result.failed.append((case, f"DICOM SEG: {err}"))
 
 
 #: bad arguments, data or set-up: one line ``<command>: <problem>`` on stderr, exit status 2
