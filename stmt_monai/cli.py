@@ -399,8 +399,6 @@ def export(bundle_root: str, weights: str = "auto", formats: str | tuple | None 
         check: log each export's largest difference from the eager network.
         calibration: ``openvino_int8``: a CT file or folder to calibrate on (default: the shipped
             CT and generated cases).
-        calibration: ``openvino_int8``: a CT file or folder to calibrate on (default: the shipped
-            CT and generated cases).
 
     Returns:
         ``{format: written file}`` (:func:`stmt_monai.inference.export.export_bundle`).
@@ -432,7 +430,6 @@ def train_main(argv: list[str] | None = None) -> None:
     from stmt_monai.training.chain import train_chain
 
     run_command("stmt-train", train_chain, argv)
-
 
 
 if __name__ == "__main__":

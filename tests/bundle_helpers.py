@@ -43,6 +43,16 @@ TINY_OPTIMIZER = {"optimizer": "{'_target_': 'torch.optim.Adam', 'params': '$@ne
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def config_default(bundle: str, key: str, workflow: str = "inference"):
+    """A bundle config's own value of ``key`` (the paper's), not one recorded beside weights: the
+    network keys read the record of ``models/model.pt`` when there is one
+    (:func:`stmt_monai.bundle.recorded`), so this parses with no weights at ``model_path``."""
+    from stmt_monai.bundle import workflow_parser
+
+    parser = workflow_parser(BUNDLES / bundle, workflow, {"model_path": str(REPO / "no-such-weights.pt")})
+    return parser.get_parsed_content(key)
+
+
 def command_kind(args: list[str]) -> str:
     """What a README command runs: ``train``, ``evaluate``... (a ``run``'s last config file),
     ``torchrun multi_gpu_train``, ``verify_net_in_out <net_id>``, ``ckpt_export <net_id>``,

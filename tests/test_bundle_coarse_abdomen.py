@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import ENV, REPO, TINY, TINY_OPTIMIZER, oracle_pseudo_labels, with_overrides
+from bundle_helpers import ENV, REPO, TINY, TINY_OPTIMIZER, config_default, oracle_pseudo_labels, with_overrides
 from bundle_helpers import readme_commands as _readme_commands
 from bundle_helpers import run_readme as _run_readme
 from monai.bundle import ConfigParser
@@ -117,7 +117,7 @@ def test_metadata_matches_config():
     assert {int(k): v for k, v in pred["channel_def"].items()} == dict(ABDOMEN_CHANNELS)
     assert pred["num_channels"] == config["out_channels"] == len(ABDOMEN_CHANNELS)
     assert image["num_channels"] == config["in_channels"] == 1
-    assert image["spatial_shape"] == pred["spatial_shape"] == config["spatial_size"] == [128, 128, 128]
+    assert image["spatial_shape"] == pred["spatial_shape"] == config_default("coarse_abdomen", "spatial_size") == [128, 128, 128]
     assert meta["version"] in meta["changelog"]
 
 

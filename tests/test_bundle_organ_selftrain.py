@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import REPO, TINY, TINY_OPTIMIZER, TINY_TEACHER
+from bundle_helpers import REPO, TINY, TINY_OPTIMIZER, TINY_TEACHER, config_default
 from bundle_helpers import readme_commands as _readme_commands
 from bundle_helpers import run_readme as _run_readme
 
@@ -93,13 +93,13 @@ def test_metadata_matches_labels_and_config():
     common = json.loads((CONFIGS / "train.json").read_text())
     teacher = json.loads((CONFIGS / "train_teacher.json").read_text())
     assert meta["version"] in meta["changelog"]
-    for name, size in (("network_data_format", common["spatial_size"]), ("teacher_data_format", list(teacher_roi_size(teacher["teacher_kind"])))):
+    for name, size in (("network_data_format", config_default("organ_selftrain", "spatial_size", "train")), ("teacher_data_format", list(teacher_roi_size(teacher["teacher_kind"])))):
         image, pred = meta[name]["inputs"]["image"], meta[name]["outputs"]["pred"]
         assert {int(k): v for k, v in pred["channel_def"].items()} == dict(ORGAN_CHANNELS)
         assert pred["num_channels"] == common["out_channels"] == teacher["out_channels"] == len(ORGAN_CHANNELS) == 14
         assert image["num_channels"] == common["in_channels"] == 1
         assert image["spatial_shape"] == pred["spatial_shape"] == size
-    assert common["spatial_size"] == [192, 192, 192] and common["base_channels"] == 16 and common["num_downsamplings"] == 5
+    assert [config_default("organ_selftrain", k, "train") for k in ("spatial_size", "base_channels", "num_downsamplings")] == [[192, 192, 192], 16, 5]
     assert (common["batch_size"], common["lambda1"], common["lambda2"]) == (3, 1.0, 0.5)
 
 

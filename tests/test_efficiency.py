@@ -93,7 +93,7 @@ def test_measure_folder(tmp_path):
     assert "- case_b: exit status 1" in (outputs / SUMMARY_MD).read_text()
 
     report = tmp_path / "report"
-    cli = [PY, str(REPO / "scripts" / "efficiency.py"), template, str(inputs), str(outputs), f"--report_dir={report}"]
+    cli = [str(Path(PY).with_name("stmt-efficiency")), template, str(inputs), str(outputs), f"--report_dir={report}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

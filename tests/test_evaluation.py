@@ -176,7 +176,7 @@ def test_cli(dirs, real_organs):
     shutil.copy(real_organs, pred_dir / "case_a.nii.gz")
     shutil.copy(real_organs, gt_dir / "case_b.nii.gz")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(REPO / "scripts" / "evaluate.py"), str(pred_dir), str(gt_dir), f"--out_dir={out_dir}"]
+    cmd = [str(Path(sys.executable).with_name("stmt-evaluate")), str(pred_dir), str(gt_dir), f"--out_dir={out_dir}"]
     cmd.append("--classes=1,2,14")
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -182,14 +182,14 @@ def test_prepare_data_cli(small_cohort, tmp_path):
     root = _copy_cohort(small_cohort, tmp_path / "data")
     (root / "labelsTr" / "FLARE23Syn_0004.nii.gz").write_bytes(b"garbage")
     run = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--data_root", str(root), "--out_dir", str(tmp_path / "p"), "--progress", "False", "--fingerprint", "False"],
+        [str(Path(sys.executable).with_name("stmt-prepare-data")), "--data_root", str(root), "--out_dir", str(tmp_path / "p"), "--progress", "False", "--fingerprint", "False"],
         capture_output=True, text=True, timeout=120,
     )
     assert run.returncode == 0, run.stderr
     assert "| total |" in run.stdout and "skipped:" in run.stdout and "FLARE23Syn_0004.nii.gz" in run.stdout
     assert (tmp_path / "p" / "datalist_tumor.json").is_file()
     empty = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "prepare_data.py"), "--data_root", str(tmp_path / "nothing")],
+        [str(Path(sys.executable).with_name("stmt-prepare-data")), "--data_root", str(tmp_path / "nothing")],
         capture_output=True, text=True, timeout=120,
     )
     assert empty.returncode != 0 and "no such dataset" in empty.stderr

@@ -224,6 +224,7 @@ def random_weights(bundle_root: str | os.PathLike, fingerprint: Fingerprint, wei
     write_record(path, network_record(parser))
     return save_weights(path, network.state_dict())
 
+
 #: the config ids a stage network and its input are built from: what a training records beside
 #: its weights (the ``record`` of ``validate#best_checkpoint`` in each stage bundle's train.json)
 NETWORK_KEYS = ("spatial_size", "in_channels", "out_channels", "base_channels", "num_downsamplings", "max_channels")
@@ -232,6 +233,7 @@ NETWORK_KEYS = ("spatial_size", "in_channels", "out_channels", "base_channels", 
 def network_record(parser) -> dict:
     """The :data:`NETWORK_KEYS` values of a parsed stage-bundle config (a weights record)."""
     return {key: parser.get_parsed_content(key) for key in NETWORK_KEYS if key in parser}
+
 
 
 def random_weight_bundles(
