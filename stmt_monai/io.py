@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io
 import logging
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -314,6 +315,24 @@ def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
     return Path(tmp), path
 
 
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike):
+    """Write ``path`` atomically: the ``with`` body writes the temporary file it is given
+    (:func:`atomic_path`), which is renamed onto ``path`` when the body ends without an
+    exception and removed in every case, so that ``path`` is either the old file or the whole
+    new one, never half written::
+
+        with atomic_write(out / "case.nii.gz") as tmp:
+            nib.save(image, tmp)
+    """
+    tmp, final = atomic_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 #: gzip level of written NIfTI files: ISA-L's level 1 (its fastest full compression; a 512 x 512 x 300
 #: label map: 0.35 MB in ~0.01 s, against zlib level 1's 0.66 MB in ~0.4 s, measured on 2 loaded cores)
 GZIP_LEVEL = 1
@@ -379,18 +398,14 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, d
     image = nib.Nifti1Image(array, np.asarray(affine, float))
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    tmp, final = atomic_path(path)
-    try:
-        if final.name.endswith(".gz"):
+    with atomic_write(path) as tmp:
+        if str(path).endswith(".gz"):
             # header and voxels serialised once (a Fortran-ordered array is copied, not transposed),
             # then one gzip member by ISA-L where installed
             tmp.write_bytes(gzip_bytes(image.to_bytes()))
         else:
             nib.save(image, str(tmp))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    return Path(path)
 
 
 def save_label_map(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarray) -> Path:
@@ -400,13 +415,9 @@ def save_label_map(path: str | os.PathLike, labels: np.ndarray, affine: np.ndarr
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write a text file (JSON, CSV) atomically."""
-    tmp, final = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    return Path(path)
 
 
 def write_csv_atomic(path: str | os.PathLike, fieldnames: Sequence[str], rows: Iterable[Mapping]) -> Path:

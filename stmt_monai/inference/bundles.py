@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from stmt_monai.bundle import config_files, read_record, write_record
-from stmt_monai.io import atomic_path
+from stmt_monai.io import atomic_write
 from stmt_monai.preprocessing.fingerprint import Fingerprint
 
 #: stage -> bundle folder name under ``bundles/``
@@ -200,13 +200,9 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor], key
         return converted[key]
 
     state = {k: convert(v) for k, v in state.items()}
-    tmp, final = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         torch.save({key: state} if key else state, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    return Path(path)
 
 
 def random_weights(bundle_root: str | os.PathLike, fingerprint: Fingerprint, weights: str = "demo", seed: int = 0) -> Path:

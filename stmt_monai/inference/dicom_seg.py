@@ -23,7 +23,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from stmt_monai.io import ImageError, atomic_path
+from stmt_monai.io import ImageError, atomic_write
 from stmt_monai.labels import LABELS, TUMOR
 
 #: name of a case's DICOM SEG beside its mask: ``<case>_seg.dcm``
@@ -204,10 +204,6 @@ def write_dicom_seg(
         content_description="FLARE23 organs and tumor",
         omit_empty_frames=True,
     )
-    tmp, final = atomic_path(output)
-    try:
+    with atomic_write(output) as tmp:
         seg.save_as(tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    return Path(output)

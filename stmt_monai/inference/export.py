@@ -32,7 +32,7 @@ from stmt_monai.inference.bundles import (
     load_network,
     weights_path,
 )
-from stmt_monai.io import atomic_path
+from stmt_monai.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +93,7 @@ def export_torchscript(bundle_root: str | os.PathLike, weights: str = "auto", fi
     network, parser, kind = bundle_network(bundle_root, weights)
     ckpt = weights_path(parser)
     final = Path(filepath) if filepath is not None else exported_path(ckpt, "torchscript")
-    tmp, final = atomic_path(final)
-    try:
+    with atomic_write(final) as tmp:
         ckpt_export(
             net_id="network_def",
             filepath=str(tmp),
@@ -109,9 +108,6 @@ def export_torchscript(bundle_root: str | os.PathLike, weights: str = "auto", fi
         expected = network.state_dict()
         if exported.keys() != expected.keys() or any(not torch.equal(exported[k], expected[k]) for k in expected):
             raise RuntimeError(f"{ckpt}: ckpt_export did not carry the weights over (key_in_ckpt?)")
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     return final
 
 
@@ -179,16 +175,11 @@ def export_onnx(network: torch.nn.Module, example: torch.Tensor, filepath: str |
     """
     if axiswise_norm:
         network = with_axiswise_instance_norm(network)
-    tmp, final = atomic_path(filepath)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(
-                network.eval(), (example,), str(tmp), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], dynamo=True, external_data=False
-            )
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final
+    with atomic_write(filepath) as tmp, torch.no_grad():
+        torch.onnx.export(
+            network.eval(), (example,), str(tmp), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], dynamo=True, external_data=False
+        )
+    return Path(filepath)
 
 
 def run_exported(path: str | os.PathLike, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:

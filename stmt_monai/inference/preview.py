@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stmt_monai.io import atomic_path
+from stmt_monai.io import atomic_write
 from stmt_monai.labels import LABELS, TUMOR, label_name
 
 #: RGB per label name (organs in distinct hues, tumor in saturated yellow so it stands out)
@@ -162,14 +162,12 @@ def overlay_grid(
     if shown:
         handles = [Patch(color=LABEL_COLORS[v], label=f"{v} {label_name(v)}") for v in sorted(shown)]
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=7, frameon=False)
-    tmp, final = atomic_path(path)
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, final)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return final
+    return Path(path)
 
 
 def overlay_figure(

@@ -53,7 +53,7 @@ from monai.transforms import (
 )
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
-from stmt_monai.io import atomic_path, case_name, load_image, load_label, write_text_atomic
+from stmt_monai.io import atomic_write, case_name, load_image, load_label, write_text_atomic
 from stmt_monai.labels import STAGES, stage_output_map, stage_target_map
 from stmt_monai.preprocessing.fingerprint import Fingerprint
 from stmt_monai.preprocessing.geometry import CaseGeometry
@@ -397,12 +397,8 @@ class AtomicNibabelWriter(NibabelWriter):
     place, so that an interrupted run never leaves a half-written label map."""
 
     def write(self, filename, verbose: bool = False, **obj_kwargs):
-        tmp, final = atomic_path(filename)
-        try:
+        with atomic_write(filename) as tmp:
             super().write(tmp, verbose=verbose, **obj_kwargs)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def flare_output_name(meta: Mapping, saver=None) -> dict:

@@ -28,7 +28,7 @@ from monai.handlers import CheckpointLoader
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
 
 from stmt_monai.bundle import write_record
-from stmt_monai.io import atomic_path
+from stmt_monai.io import atomic_write
 from stmt_monai.networks import WeightsMismatch, describe_mismatch, mismatch_message
 from stmt_monai.progress import EngineProgress
 from stmt_monai.training.distributed import is_main_process
@@ -54,29 +54,22 @@ def save_checkpoint(path: str | os.PathLike, save_dict: Mapping, keep_previous: 
     """
     if not is_main_process():
         return None
-    tmp, final = atomic_path(path)
-    try:
+    final = Path(path)
+    with atomic_write(final) as tmp:
         torch.save({name: _state_dict(obj) for name, obj in save_dict.items()}, tmp)
         if keep_previous is not None and final.exists():
             _keep_copy(final, Path(keep_previous))
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
     return final
 
 
 def _keep_copy(source: Path, target: Path) -> None:
     """``target`` becomes a copy of ``source`` (hard link where the file system allows), atomically."""
-    tmp, final = atomic_path(target)
-    try:
+    with atomic_write(target) as tmp:
         tmp.unlink()
         try:
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class ResumableCheckpoint:
@@ -270,12 +263,8 @@ class BestCheckpoint:
         if self.record is not None and is_main_process():
             write_record(self.save_path, self.record)
         if len(self.save_dict) == 1 and is_main_process():
-            tmp, final = atomic_path(self.save_path)
-            try:
+            with atomic_write(self.save_path) as tmp:
                 torch.save(_state_dict(next(iter(self.save_dict.values()))), tmp)
-                os.replace(tmp, final)
-            finally:
-                tmp.unlink(missing_ok=True)
         else:
             save_checkpoint(self.save_path, self.save_dict)
         if is_main_process() and not math.isnan(value):
