@@ -93,7 +93,9 @@ class AblationSettings:
         val_interval: validation (and learning-curve point) every this many epochs.
         teacher_*: the organ teacher (``train_teacher``): network kind, width, depth, patch size,
             voxel spacing (finer than the students' whole-ROI resize), epochs, batch, patches
-            per case, learning rate.
+            per case, learning rate and momentum.
+        teacher_seed: ``None``: a teacher per seed (its own initialisation and batches); a seed:
+            the teacher of that seed serves every seed's self-training rows (one long teacher).
         device: ``cpu`` or ``cuda``.
         cpu_bf16: the students' forward passes under CPU bfloat16 autocast (default: where the
             CPU has native bf16, AVX512-BF16 or AMX).
@@ -114,13 +116,14 @@ class AblationSettings:
     teacher_kind: str = "res_unet_large"
     teacher_base_channels: int = 8
     teacher_num_downsamplings: int = 4
-    teacher_roi_size: tuple[int, int, int] = (48, 48, 48)
+    teacher_roi_size: tuple[int, int, int] = (80, 64, 48)
     teacher_spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
-    teacher_epochs: int = 400
+    teacher_epochs: int = 800
     teacher_batch_size: int = 2
     teacher_num_patches: int = 1
     teacher_learning_rate: float = 0.2
     teacher_momentum: float = 0.9
+    teacher_seed: int | None = 0
     device: str = "cpu"
     cpu_bf16: bool | None = None
     threads: int = 1
@@ -268,13 +271,14 @@ def prepare(paths: AblationPaths) -> dict:
 # ----------------------------------------------------------------------------- rows
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One run of a bundle workflow: ``name`` (unique within a seed), after ``needs``."""
+    """One run of a bundle workflow: ``name`` (unique within a seed), after the ``needs`` steps
+    (``(seed, name)`` pairs)."""
 
     name: str
     bundle: str
     workflow: str
     overrides: dict
-    needs: tuple[str, ...] = ()
+    needs: tuple[tuple[int, str], ...] = ()
 
 
 def row_overrides(row: str) -> dict:
@@ -310,11 +314,13 @@ def _resolve(value, symbols: Mapping[str, str]):
 
 def seed_steps(paths: AblationPaths, settings: AblationSettings, seed: int, rows: Sequence[str] = ROW_NAMES) -> list[Step]:
     """Every bundle run of one seed, with its dependencies: the teacher and its pseudo labels
-    (self-training rows only), then one ``train`` per row."""
-    symbols = {"pseudo": str(paths.pseudo_dir(seed)), "oracle": str(paths.oracle_pseudo), "lists": str(paths.lists)}
+    (self-training rows only; with ``settings.teacher_seed`` only for that seed), then one
+    ``train`` per row."""
+    teacher_seed = seed if settings.teacher_seed is None else int(settings.teacher_seed)
+    symbols = {"pseudo": str(paths.pseudo_dir(teacher_seed)), "oracle": str(paths.oracle_pseudo), "lists": str(paths.lists)}
     steps: list[Step] = []
     teacher_dir = paths.teacher_dir(seed)
-    if any(r in ("st_partial", "st_partial_unlabelled") for r in rows):
+    if seed == teacher_seed and any(r in ("st_partial", "st_partial_unlabelled") for r in rows):
         steps.append(
             Step(
                 "teacher",
@@ -347,7 +353,7 @@ def seed_steps(paths: AblationPaths, settings: AblationSettings, seed: int, rows
                         "roi_dir": str(roi_dir),  # the students' perfect stage 1, for the teacher too
                         "progress": False,
                     },
-                    needs=("teacher",),
+                    needs=((seed, "teacher"),),
                 )
             )
     for row in rows:
@@ -362,7 +368,7 @@ def seed_steps(paths: AblationPaths, settings: AblationSettings, seed: int, rows
         }
         if row in ORGAN_ROWS:
             common.update({"max_epochs": settings.organ_epochs, "train#batch_sampler#num_batches": settings.batches_per_epoch})
-            needs = ("pseudo_labels",) if row in ("st_partial", "st_partial_unlabelled") else ()
+            needs = ((teacher_seed, "pseudo_labels"),) if row in ("st_partial", "st_partial_unlabelled") else ()
             steps.append(Step(row, ORGAN_BUNDLE, "train", {**common, **_resolve(row_overrides(row), symbols)}, needs))
         else:
             common["max_epochs"] = settings.tumor_epochs
@@ -394,8 +400,9 @@ def _run_step(step: Step, paths: AblationPaths, seed: int, bundles_dir: Path, se
             "num_workers": 0,
         }
         record["inference_seconds"] = round(run_workflow(bundles_dir / step.bundle, "inference", inference, log_file=log, threads=settings.threads), 1)
-        if step.bundle == TUMOR_BUNDLE:  # the student too, for the diagnostics
-            inference.update({"inference_network": "student", "output_dir": str(out / "test_pred_student")})
+        if step.bundle == TUMOR_BUNDLE:  # the student too, for the diagnostics: model.pt holds the teacher only
+            student = {"inference_network": "student", "model_path": str(out / "models" / "mean_teacher.pt")}
+            inference.update({**student, "output_dir": str(out / "test_pred_student")})
             run_workflow(bundles_dir / step.bundle, "inference", inference, log_file=log, threads=settings.threads)
     write_text_atomic(marker, json.dumps(record, indent=1) + "\n")
     return record
@@ -425,7 +432,10 @@ def run_ablation(
     write_text_atomic(paths.work / "settings.json", json.dumps(dataclasses.asdict(settings), indent=1) + "\n")
     prepare(paths)
     start = time.perf_counter()
+    teacher_seeds = [] if settings.teacher_seed is None or settings.teacher_seed in seeds else [int(settings.teacher_seed)]
     pending = {(seed, step.name): step for seed in seeds for step in seed_steps(paths, settings, seed, rows)}
+    for seed in teacher_seeds:  # a shared teacher of a seed that trains no row itself
+        pending.update({(seed, s.name): s for s in seed_steps(paths, settings, seed, rows) if s.bundle == ORGAN_BUNDLE and s.workflow != "train"})
     # long chains first: the teachers, then the rows in the given order, seed by seed
     order = sorted(pending, key=lambda k: (k[1] not in ("teacher", "pseudo_labels"), k[0]))
     finished: set[tuple[int, str]] = set()
@@ -433,7 +443,7 @@ def run_ablation(
     lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=max(1, settings.parallel)) as pool:
         while order or running:
-            ready = [k for k in order if all((k[0], n) in finished for n in pending[k].needs)]
+            ready = [k for k in order if all(need in finished for need in pending[k].needs)]
             while ready and len(running) < max(1, settings.parallel):
                 key = ready.pop(0)
                 order.remove(key)
