@@ -116,14 +116,14 @@ class AblationSettings:
     teacher_kind: str = "res_unet_large"
     teacher_base_channels: int = 8
     teacher_num_downsamplings: int = 4
-    teacher_roi_size: tuple[int, int, int] = (80, 64, 48)
+    teacher_roi_size: tuple[int, int, int] = (48, 48, 48)
     teacher_spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
-    teacher_epochs: int = 800
+    teacher_epochs: int = 400
     teacher_batch_size: int = 2
     teacher_num_patches: int = 1
     teacher_learning_rate: float = 0.2
     teacher_momentum: float = 0.9
-    teacher_seed: int | None = 0
+    teacher_seed: int | None = None
     device: str = "cpu"
     cpu_bf16: bool | None = None
     threads: int = 1
