@@ -231,7 +231,6 @@ def network_record(parser) -> dict:
     return {key: parser.get_parsed_content(key) for key in NETWORK_KEYS if key in parser}
 
 
-
 def random_weight_bundles(
     dest: str | os.PathLike,
     fingerprint: Fingerprint,
