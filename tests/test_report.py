@@ -57,6 +57,12 @@ def test_tumors_count_diameter_and_host():
     assert big["host_organ"] == "liver" and big["host_organ_label"] == 1
     assert small["host_organ"] == "none" and small["host_organ_label"] == 0
     assert big["mean_hu"] == pytest.approx(20.0)
+    # centroid in mm through an affine with an origin: the lesion's mean voxel (14.5, 11.5, 7)
+    shifted = AFFINE.copy()
+    shifted[:3, 3] = (-100.0, 20.0, 5.0)
+    moved = case_report(labels, shifted, image, organ_labels=organs_only)["tumors"]["lesions"][0]
+    expected = shifted[:3, :3] @ np.array([14.5, 11.5, 7.0]) + shifted[:3, 3]
+    assert moved["centroid_mm"] == pytest.approx(expected.tolist(), abs=0.01)
 
 
 def test_host_organ_from_the_final_map_uses_the_ring():

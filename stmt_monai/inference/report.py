@@ -184,9 +184,9 @@ def _lesions(labels, affine, image, organ_labels, max_lesions) -> tuple[list[dic
     box = _bbox(tumor)
     sub = np.ascontiguousarray(tumor[box])
     components, num = cc3d.connected_components(sub, connectivity=26, return_N=True)
-    # per-component voxel counts and boxes in one pass: each lesion is then measured in its own box
+    # per-component voxel counts, boxes and centroids in one pass: each lesion is then measured in its own box
     stats = cc3d.statistics(components)
-    sizes, boxes = np.asarray(stats["voxel_counts"]), stats["bounding_boxes"]
+    sizes, boxes, centroids = np.asarray(stats["voxel_counts"]), stats["bounding_boxes"], np.asarray(stats["centroids"], float)
     ml = voxel_volume_ml(affine)
     axis = axial_axis(affine)
     offset = np.array([s.start for s in box])
@@ -202,7 +202,7 @@ def _lesions(labels, affine, image, organ_labels, max_lesions) -> tuple[list[dic
         corner = offset + np.array([s.start for s in local])
         diameter, slice_index = longest_axial_diameter(comp, affine)
         host = host_organ(comp, organ_sub[local], exclude_component=organ_labels is None)
-        centroid = linear @ (np.argwhere(comp).mean(0) + corner) + origin
+        centroid = linear @ (centroids[cid] + offset) + origin
         lesions.append(
             {
                 "index": order,
