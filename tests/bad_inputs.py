@@ -84,12 +84,16 @@ def thin_slab(folder: Path, slices: int = 14, start: int = 56) -> Path:
     return write_nifti(folder / "case_0000.nii.gz", array[..., start : start + slices], affine, np.int16)
 
 
+def copied_as(source: Path, path: Path) -> Path:
+    """``source`` copied to ``path`` (a name that may lie about its format), folders made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, path)
+    return path
+
+
 def label_map(folder: Path) -> Path:
     """The shipped organ label map, given as if it were the CT."""
-    path = folder / "case_0000.nii.gz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ORGANS, path)
-    return path
+    return copied_as(ORGANS, folder / "case_0000.nii.gz")
 
 
 def binary_mask(folder: Path) -> Path:
@@ -108,17 +112,11 @@ def plain_named_gz(folder: Path) -> Path:
 
 def gz_named_plain(folder: Path) -> Path:
     """A gzipped NIfTI named .nii."""
-    path = folder / "case_0000.nii"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(CT, path)
-    return path
+    return copied_as(CT, folder / "case_0000.nii")
 
 
 def nifti_named_mha(folder: Path) -> Path:
-    path = folder / "case_0000.mha"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(CT, path)
-    return path
+    return copied_as(CT, folder / "case_0000.mha")
 
 
 def mha_named_nifti(folder: Path) -> Path:
@@ -134,10 +132,7 @@ def mha_named_nifti(folder: Path) -> Path:
 
 def dicom_file_named_nifti(folder: Path) -> Path:
     """One slice of the DICOM series given as a .nii.gz."""
-    path = folder / "case_0000.nii.gz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(min(DICOM.iterdir()), path)
-    return path
+    return copied_as(min(DICOM.iterdir()), folder / "case_0000.nii.gz")
 
 
 # ----------------------------------------------------------------------------- DICOM variants

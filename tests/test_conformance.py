@@ -180,6 +180,14 @@ def test_readme_export_script(name, tiny_bundles, tmp_path, monkeypatch):
     args = [str(bundle) if a == f"bundles/{name}" else a for a in readme_commands(name)["scripts/export.py"]]
     run_in_process(with_overrides(args, weights="demo"), monkeypatch)
     assert (bundle / "models" / "demo" / "model.ts").is_file() and (bundle / "models" / "demo" / "model.onnx").is_file()
+    # each export computes the bundle's own network: its logits on a random input agree
+    from stmt_monai.inference.bundles import load_network
+    from stmt_monai.inference.export import max_abs_difference
+
+    network, parser, _ = load_network(bundle, "demo")
+    x = torch.randn(1, 1, *parser.get_parsed_content("spatial_size"), generator=torch.Generator().manual_seed(0))
+    exports = [bundle / "models" / "demo" / name for name in ("model.ts", "model.onnx")]
+    assert all(d < 1e-3 for d in max_abs_difference(network, exports, x).values())
 
 
 # ----------------------------------------------------------------------------- training commands
