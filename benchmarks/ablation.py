@@ -216,7 +216,8 @@ def main(
     work = Path(work_dir)
     cohort = Path(cohort_dir) if cohort_dir else work / "cohort"
     seed_list = list(range(int(seeds)))
-    row_list = [r.strip() for r in str(rows).split(",") if r.strip()]
+    # fire hands "a,b" over as a tuple
+    row_list = [r.strip() for r in (rows.split(",") if isinstance(rows, str) else rows) if str(r).strip()]
     start = time.perf_counter()
     if not report_only:
         if not (cohort / "policy.json").is_file():

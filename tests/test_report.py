@@ -76,6 +76,12 @@ def test_host_organ_from_the_final_map_uses_the_ring():
     organ_map[3, 2, 2] = 13
     organ_map[2, 1, 2] = 13
     assert host_organ(comp, organ_map, exclude_component=True) == 13
+    # the lesion's own voxels in a final map are tumor, and tumor hosts nothing
+    lesion = np.zeros((7, 7, 7), bool)
+    lesion[2:5, 2:5, 2:5] = True
+    final = np.where(lesion, TUMOR, 0).astype(np.uint8)
+    final[1, 3, 3] = 13
+    assert host_organ(lesion, final) == 13
 
 
 def test_diameter_handles_axis_order_and_matches_a_disc():
@@ -95,6 +101,48 @@ def test_diameter_handles_axis_order_and_matches_a_disc():
     assert 40.0 <= diameter <= 40.0 + spacing * np.sqrt(2) + 0.5
     assert index in (1, 2)
     assert longest_axial_diameter(np.zeros((3, 3, 3), bool), np.eye(4)) == (0.0, -1)
+
+
+def _diameter_by_every_corner(mask, affine):
+    """The definition itself: every voxel corner of every axial slice, every pair."""
+    axis = axial_axis(affine)
+    plane = [a for a in range(3) if a != axis]
+    m = np.asarray(affine, float)[:3, plane]
+    corners = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    best, best_slice = 0.0, -1
+    moved = np.moveaxis(mask, axis, 0)
+    for index in range(moved.shape[0]):
+        points = np.argwhere(moved[index])
+        if not len(points):
+            continue
+        mm = (points[:, None, :] + corners[None]).reshape(-1, 2) @ m.T
+        span = float(np.sqrt(((mm[:, None, :] - mm[None, :, :]) ** 2).sum(-1)).max())
+        if span > best + 1e-9:
+            best, best_slice = span, index
+    return best, best_slice
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_diameter_equals_the_definition_on_irregular_lesions(seed):
+    # lumpy lesions with holes and several islands per slice, on anisotropic, sheared and
+    # reordered grids: the row-end / bounding-bound search must find the definition's value and slice
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.gaussian_filter(rng.random((24, 20, 9)), 1.5) > 0.52
+    assert mask.any()
+    rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0] * 0.3  # a slight obliquity
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([0.7, 1.1, 3.0]) + rotation
+    affine[0, 1] += 0.2  # shear within the axial plane
+    if seed % 2:  # the axial axis first in voxel order
+        affine[:3, :3] = affine[:3, [2, 0, 1]]
+        mask = np.moveaxis(mask, 2, 0)
+    diameter, index = longest_axial_diameter(mask, affine)
+    expected, _ = _diameter_by_every_corner(mask, affine)
+    assert diameter == pytest.approx(expected, rel=1e-9)
+    # the slice returned is one where the diameter lies (several may tie)
+    assert _diameter_by_every_corner(np.take(mask, [index], axial_axis(affine)), affine)[0] == pytest.approx(expected, rel=1e-9)
 
 
 def test_write_report_json_and_csv(tmp_path):
