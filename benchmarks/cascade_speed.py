@@ -153,6 +153,11 @@ def run_batch(case: Path, batch: int, work_dir: Path, bundles: Path, weights: st
     return (written[-1] - written[0]) / (len(written) - 1)
 
 
+def _median_and_range(median: float, runs: list[float]) -> str:
+    """``"14.6"`` for one run, ``"14.6 (14.1-15.3)"`` (median, fastest-slowest) for several."""
+    return f"{median:.1f}" if len(runs) < 2 else f"{median:.1f} ({min(runs):.1f}-{max(runs):.1f})"
+
+
 def agreement(mask: str | Path, reference: str | Path) -> dict:
     """Share of equal voxels of two label maps: over the whole volume and over the voxels that
     either labels (> 0)."""
@@ -179,7 +184,7 @@ def main(
         slices: slice counts of the 512 x 512 x N cases (``--quick``: 96 x 96 x N; default 40, 60).
         configs: comma-separated names of :data:`CONFIGS`.
         threads: CPU threads (``--threads`` of stmt-segment; also OMP / MKL thread variables).
-        repeats: timed single-case processes per case and configuration (median time, max RSS).
+        repeats: timed single-case processes per case and configuration (median time and step times, max RSS).
         batch: cases in the batch run (its per-case time); 0 skips it.
         quick: toy size end to end: 96 x 96 x N cases and the reduced demo networks.
         output: also write the rows as JSON here.
@@ -232,7 +237,8 @@ def main(
                 "cpu_s": float(np.median([r["cpu_s"] for r in runs])),
                 "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
                 "batch_per_case_s": run_batch(case, batch, work, bundles, weights, threads, args, env) if batch > 1 else None,
-                "steps_s": runs[-1]["steps_s"],
+                "steps_s": {step: float(np.median([r["steps_s"][step] for r in runs])) for step in runs[-1]["steps_s"]},
+                "wall_s_runs": [round(r["wall_s"], 2) for r in runs],
                 "roi": runs[-1]["roi"],
             }
             # keep the mask: the agreement is measured against the fp32 one once all have run
@@ -250,13 +256,13 @@ def main(
           f"OpenVINO {info.get('openvino', 'not installed')} capabilities {info.get('openvino_capabilities')}, auto precision {info.get('auto_precision')};",
           f"{threads} threads; load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
     print("one-time costs:", "; ".join(f"{k} {v:.1f} s" for k, v in one_time.items()))
-    header = ["case", "config", "backend / precision", "whole process (s)", "CPU (s)", "peak RSS (GB)", "per case in a batch (s)",
+    header = ["case", "config", "backend / precision", "whole process (s; median (range) of the repeats)", "CPU (s)", "peak RSS (GB)", "per case in a batch (s)",
               "equal voxels vs fp32 (all / labelled)", "start-up", "load", *STEPS]  # fmt: skip
     print("\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
     for row in rows:
         agree = row.get("agreement_with_fp32")
         cells = [
-            row["case"], row["config"], f"{row['backend']} / {row['precision']}", f"{row['wall_s']:.1f}", f"{row['cpu_s']:.1f}",
+            row["case"], row["config"], f"{row['backend']} / {row['precision']}", _median_and_range(row["wall_s"], row["wall_s_runs"]), f"{row['cpu_s']:.1f}",
             f"{row['peak_rss_gb']:.2f}", "-" if row["batch_per_case_s"] is None else f"{row['batch_per_case_s']:.1f}",
             "-" if agree is None else f"{100 * agree['all_voxels']:.3f} % / {100 * agree['labelled_voxels']:.2f} %",
             f"{row['steps_s']['start_up']:.2f}", f"{row['steps_s']['load_models']:.2f}", *(f"{row['steps_s'].get(s, 0.0):.2f}" for s in STEPS),

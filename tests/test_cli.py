@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -103,6 +105,38 @@ def test_existing_output_is_skipped_unless_overwrite(bundles, real_ct, tmp_path)
     assert again.skipped == [str(real_ct)] and mask.stat().st_mtime == 0
     redo = segment(str(real_ct), str(tmp_path), bundles_dir=str(bundles), overwrite=True, progress=False)
     assert redo.written == [str(real_ct)] and mask.stat().st_mtime > 0
+
+
+#: a process in which importing torch fails, then stmt-segment with the arguments given
+_WITHOUT_TORCH = """
+import sys
+
+class RefuseTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported on the OpenVINO path: " + name)
+
+sys.meta_path.insert(0, RefuseTorch())
+from stmt_monai.cli import segment_main
+
+segment_main(sys.argv[1:])
+"""
+
+
+def test_the_default_cpu_path_never_imports_torch(bundles, real_ct, tmp_path):
+    """OpenVINO on the CPU runs on NumPy arrays only (torch is ~1.2 s of a process's start-up):
+    once the first run has converted the networks (with torch) and cached them, a process that
+    cannot import torch segments the case, with the same labels."""
+    env = {**os.environ, "STMT_MONAI_CACHE": str(tmp_path / "cache")}
+    common = ["--bundles_dir", str(bundles), "--backend", "openvino", "--threads", "1", "--progress", "False"]
+    first = subprocess.run([sys.executable, "-m", "stmt_monai.cli", str(real_ct), str(tmp_path / "first"), *common], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(real_ct), str(tmp_path / "second"), *common], env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    report = json.loads((tmp_path / "second" / "abdomen_ct_3mm_report.json").read_text())
+    assert report["cascade"]["backend"] == "openvino"
+    a, b = (np.asarray(nib.load(tmp_path / run / "abdomen_ct_3mm.nii.gz").dataobj) for run in ("first", "second"))
+    np.testing.assert_array_equal(a, b)
 
 
 def test_missing_weights_exit_2(tmp_path, capsys):

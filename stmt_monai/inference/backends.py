@@ -25,12 +25,17 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
-import torch
+
+from stmt_monai.arrays import as_numpy, device_type, is_tensor
+
+if TYPE_CHECKING:  # the OpenVINO path never imports torch (stmt_monai.arrays); the others import it where they run
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +90,18 @@ def resolve_backend(backend: str, device: str | torch.device = "cpu") -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
         return backend
-    return "openvino" if torch.device(device).type == "cpu" and openvino_available() else "torch"
+    return "openvino" if device_type(device) == "cpu" and openvino_available() else "torch"
+
+
+def default_threads() -> int | None:
+    """Threads of the OpenVINO and ONNX Runtime backends when none are given: ``OMP_NUM_THREADS``
+    when set, else torch's count when torch is loaded anyway, else ``None`` (the runtime's own
+    choice, one per physical core). Torch is not imported for this."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else None
 
 
 def cpu_flags() -> set[str]:
@@ -191,9 +207,13 @@ class TorchRunner:
     """
 
     def __init__(self, network: torch.nn.Module, device: torch.device, amp: bool = False, backend: str = "torch", files: dict | None = None):
+        import torch
+
         self.network, self.device, self.amp, self.backend, self.files = network, torch.device(device), bool(amp), backend, files or {}
 
     def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        import torch
+
         x = torch.as_tensor(x).to(self.device, torch.float32, non_blocking=True)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             return self.network(x)[0].argmax(0).to(torch.uint8).cpu()
@@ -207,7 +227,7 @@ class OnnxNetwork:
 
     Args:
         path: the ``.onnx`` file (:func:`stmt_monai.inference.export.export_onnx`: one input, logits out).
-        threads: intra-op threads (default ``torch.get_num_threads()``).
+        threads: intra-op threads (default :func:`default_threads`, else ONNX Runtime's choice).
         spatial_size: if given, the graph's fixed input size must be this one.
     """
 
@@ -217,7 +237,7 @@ class OnnxNetwork:
         except ImportError:
             raise ImportError("backend 'onnx' needs the optional extra: pip install 'stmt-monai[export]'") from None
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or torch.get_num_threads())
+        options.intra_op_num_threads = int(threads or default_threads() or 0)  # 0: ONNX Runtime's choice
         options.inter_op_num_threads = 1
         # no memory arena: ONNX Runtime's arena kept every network's peak buffers (peak RSS 6.5 GB
         # against torch's 4.1 GB for a 512 x 512 x 300 case, measured here)
@@ -229,11 +249,15 @@ class OnnxNetwork:
         if spatial_size is not None and list(shape[2:]) != [int(s) for s in spatial_size]:
             raise ValueError(f"{path}: exported for input {shape}, the bundle's spatial_size is {list(spatial_size)}: re-export")
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Logits of ``x`` (``(1, C, *spatial_size)``), on the CPU."""
-        return torch.from_numpy(self.session.run(None, {self.input_name: np.asarray(torch.as_tensor(x).detach().cpu())})[0])
+        import torch
+
+        return torch.from_numpy(self.session.run(None, {self.input_name: np.ascontiguousarray(as_numpy(x), np.float32)})[0])
 
     def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
+        import torch
+
         return self(x)[0].argmax(0).to(torch.uint8)
 
     def describe(self) -> dict:
@@ -270,6 +294,8 @@ def openvino_ir(
     if xml.is_file() and xml.with_suffix(".bin").is_file():
         return xml
     logger.info("converting the network to OpenVINO IR once (cached in %s)", cache)
+    import torch
+
     network = build_network().cpu().eval()
     # trace at a small valid size, then fix the input to the real one
     depth = sum(1 for m in network.modules() if isinstance(m, torch.nn.ConvTranspose3d))
@@ -328,7 +354,7 @@ class OpenVinoRunner:
         xml: the IR (``.xml`` with its ``.bin``), labels out.
         precision: ``"f32"``, ``"bf16"`` (OpenVINO's inference precision hint) or ``"int8"`` (an
             NNCF-quantised IR; its non-quantised operations run at :func:`cpu_precision`).
-        threads: inference threads (default ``torch.get_num_threads()``).
+        threads: inference threads (default :func:`default_threads`, else OpenVINO's choice).
     """
 
     def __init__(self, xml: str | os.PathLike, precision: str = "f32", threads: int | None = None):
@@ -341,8 +367,9 @@ class OpenVinoRunner:
         self.xml, self.precision = Path(xml), precision
         core = ov.Core()
         hint = cpu_precision() if precision == "int8" else precision
+        threads = threads or default_threads()
         config = {
-            "INFERENCE_NUM_THREADS": int(threads or torch.get_num_threads()),
+            **({"INFERENCE_NUM_THREADS": int(threads)} if threads else {}),
             "INFERENCE_PRECISION_HINT": hint,  # explicit: no silent bf16 where f32 was asked
             "PERFORMANCE_HINT": "LATENCY",
             "CACHE_DIR": str(cache_dir() / "openvino" / "compiled"),
@@ -351,13 +378,20 @@ class OpenVinoRunner:
         self.compiled = core.compile_model(str(self.xml), "CPU", config)
         self.request = self.compiled.create_infer_request()
 
-    def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor:
-        x = np.ascontiguousarray(np.asarray(torch.as_tensor(x).detach().cpu(), np.float32))
+    def predict(self, x: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """Labels in the kind of ``x``: a tensor for a tensor, an array for an array (the
+        cascade's CPU path, which never imports torch)."""
+        array = np.ascontiguousarray(as_numpy(x), np.float32)
         try:
-            labels = self.request.infer([x], share_inputs=True, share_outputs=False)[0]
+            labels = self.request.infer([array], share_inputs=True, share_outputs=False)[0]
         finally:
             self.compiled.release_memory()
-        return torch.from_numpy(np.asarray(labels).reshape(labels.shape[2:]))
+        labels = np.asarray(labels).reshape(labels.shape[2:])
+        if is_tensor(x):
+            import torch
+
+            return torch.from_numpy(labels)
+        return labels
 
     def describe(self) -> dict:
         return {"backend": "openvino", "precision": self.precision, "ir": str(self.xml)}
@@ -388,15 +422,14 @@ def make_runner(
         spatial_size, in_channels: the network's fixed input.
         network_key: identifies the network settings (with the weights' digest: the IR cache key).
         device: ``cpu`` or ``cuda``; OpenVINO and ONNX run on the CPU only.
-        threads: threads of OpenVINO and ONNX Runtime (default torch's).
+        threads: threads of OpenVINO and ONNX Runtime (default :func:`default_threads`).
         amp: fp16 autocast (torch and torchscript on CUDA).
         precision: OpenVINO only: ``"auto"`` (:func:`cpu_precision`), ``"f32"``, ``"bf16"`` or
             ``"int8"`` (the NNCF model :func:`exported_path` ``"openvino_int8"``).
         export_command: the command that makes a missing export (for the error message).
     """
-    device = torch.device(device)
     backend = resolve_backend(backend, device)
-    if backend in ("openvino", "onnx") and device.type != "cpu":
+    if backend in ("openvino", "onnx") and device_type(device) != "cpu":
         raise ValueError(f"backend {backend!r} runs on the CPU: use device='cpu'")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -411,6 +444,9 @@ def make_runner(
         return OpenVinoRunner(xml, cpu_precision() if precision == "auto" else precision, threads)
     if backend == "onnx":
         return OnnxNetwork(check_exported(weights_file, "onnx", export_command), threads=threads, spatial_size=spatial_size)
+    import torch
+
+    device = torch.device(device)
     if backend == "torchscript":
         path = check_exported(weights_file, "torchscript", export_command)
         return TorchRunner(torch.jit.load(str(path), map_location=device).eval(), device, amp, "torchscript", {"exported": str(path)})

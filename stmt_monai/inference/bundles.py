@@ -18,12 +18,14 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from stmt_monai.bundle import config_files, read_record, write_record
 from stmt_monai.io import atomic_write
 from stmt_monai.preprocessing.fingerprint import Fingerprint
+
+if TYPE_CHECKING:  # imported where weights are read or written: the cascade's OpenVINO path never imports torch
+    import torch
 
 #: stage -> bundle folder name under ``bundles/``
 STAGE_BUNDLES: Mapping[str, str] = {"abdomen": "coarse_abdomen", "organ": "organ_selftrain", "tumor": "tumor_meanteacher"}
@@ -155,6 +157,8 @@ def load_weights(path: str | os.PathLike, key: str | None = None) -> dict[str, t
     (``{"model": sd}``) is unwrapped. Half-precision tensors (the shipped demo weights are
     stored in fp16) are cast to float32.
     """
+    import torch
+
     checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     if key is not None and key in checkpoint:
         checkpoint = checkpoint[key]
@@ -190,6 +194,8 @@ def save_weights(path: str | os.PathLike, state: Mapping[str, torch.Tensor], key
         half: store floating-point tensors as fp16 (the demo weights; :func:`load_weights`
             casts them back to fp32).
     """
+    import torch
+
     converted: dict = {}
 
     def convert(v: torch.Tensor) -> torch.Tensor:
@@ -212,6 +218,8 @@ def random_weights(bundle_root: str | os.PathLike, fingerprint: Fingerprint, wei
     initial state to the weights path (a bare state dict, as the model zoo stores ``model.pt``)
     and ``fingerprint`` beside it.
     """
+    import torch
+
     parser, _ = bundle_config(bundle_root, weights)
     torch.manual_seed(seed)
     network = parser.get_parsed_content("network_def")

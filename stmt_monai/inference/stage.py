@@ -17,13 +17,17 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from stmt_monai.arrays import device_type
 from stmt_monai.bundle import record_path
 from stmt_monai.inference.backends import StageRunner, cache_dir, make_runner, resolve_backend
 from stmt_monai.inference.bundles import DEMO_CONFIG, bundle_config, load_network, weights_path
 from stmt_monai.preprocessing.fingerprint import Fingerprint
+
+if TYPE_CHECKING:  # the OpenVINO path never imports torch (stmt_monai.arrays)
+    import numpy as np
+    import torch
 
 
 @dataclasses.dataclass
@@ -38,7 +42,7 @@ class StageModel:
         fingerprint: intensity fingerprint the network was trained with.
         weights_path, weights_kind: the ``model.pt`` loaded and ``"trained"`` / ``"demo"``.
         settings: the bundle values used (channels, sizes, margins), for logs and reports.
-        device: torch device of the network's inputs.
+        device: device of the network's inputs (``"cpu"``, or a ``torch.device``).
     """
 
     stage: str
@@ -48,7 +52,7 @@ class StageModel:
     weights_path: Path
     weights_kind: str
     settings: dict
-    device: torch.device = torch.device("cpu")
+    device: str | torch.device = "cpu"
     amp: bool = False
 
     @property
@@ -78,7 +82,8 @@ class StageModel:
             backend: ``"auto"`` (OpenVINO on the CPU when installed, else torch), ``"torch"``,
                 ``"openvino"`` (CPU), ``"torchscript"`` (``model.ts`` beside the weights) or
                 ``"onnx"`` (``model.onnx``, CPU); see :func:`stmt_monai.inference.backends.make_runner`.
-            threads: CPU threads of the OpenVINO and ONNX Runtime backends (default torch's).
+            threads: CPU threads of the OpenVINO and ONNX Runtime backends (default
+                :func:`~stmt_monai.inference.backends.default_threads`).
             amp: run the network under fp16 autocast; default: on CUDA with the torch and
                 torchscript backends (it lowers the peak GPU memory), off on the CPU.
             precision: OpenVINO's: ``"auto"`` (bf16 where the CPU has it, else f32), ``"f32"``,
@@ -87,11 +92,14 @@ class StageModel:
         Raises:
             FileNotFoundError: no weights file or fingerprint, with what to do about it.
         """
-        device = torch.device(device)
         backend = resolve_backend(backend, device)
+        if backend in ("torch", "torchscript") or device_type(device) == "cuda":
+            import torch
+
+            device = torch.device(device)
         if amp is None:
-            amp = device.type == "cuda" and backend in ("torch", "torchscript")
-        if amp and device.type != "cuda":
+            amp = device_type(device) == "cuda" and backend in ("torch", "torchscript")
+        if amp and device_type(device) != "cuda":
             raise ValueError("amp (fp16 autocast) is for CUDA devices")
         spec = stage_spec(bundle_root, weights)
         path, kind = Path(spec["weights"]), spec["weights_kind"]
@@ -114,14 +122,16 @@ class StageModel:
         settings = {**spec["settings"], "amp": bool(amp), **runner.describe()}
         return cls(stage, runner, spatial_size, fingerprint, path, kind, settings, device, bool(amp))
 
-    def predict(self, image: torch.Tensor) -> torch.Tensor:
+    def predict(self, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """Argmax labels at network resolution.
 
         Args:
-            image: ``(1, *spatial_size)`` normalised intensities (CPU or ``device``).
+            image: ``(1, *spatial_size)`` normalised intensities (CPU or ``device``), a tensor or
+                an array.
 
         Returns:
-            ``(*spatial_size)`` uint8 class indices, on the CPU.
+            ``(*spatial_size)`` uint8 class indices, on the CPU: a tensor, or with the OpenVINO
+            backend the kind of ``image`` (an array for an array).
         """
         return self.network.predict(image[None])
 

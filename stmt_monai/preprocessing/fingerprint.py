@@ -16,11 +16,15 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
+from stmt_monai.arrays import is_tensor
 from stmt_monai.io import ImageError, load_image, load_label, write_text_atomic
+
+if TYPE_CHECKING:  # annotations only: the CPU path never imports torch (stmt_monai.arrays)
+    import torch
 
 #: nnU-Net's CT normalisation: clip percentiles of foreground voxels
 CLIP_PERCENTILES = (0.5, 99.5)
@@ -50,7 +54,7 @@ class Fingerprint:
 
     def normalize(self, image: np.ndarray | torch.Tensor):
         """Clip to ``[lower, upper]`` and z-score: HU in, normalised intensities out."""
-        if isinstance(image, torch.Tensor):
+        if is_tensor(image):
             return (image.clamp(self.lower, self.upper) - self.mean) / self.std
         return (np.clip(image, self.lower, self.upper) - self.mean) / self.std
 

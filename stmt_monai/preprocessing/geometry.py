@@ -19,12 +19,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import torch
-import torch.nn.functional as F
 from nibabel import orientations
+
+from stmt_monai.arrays import as_numpy
+
+if TYPE_CHECKING:  # annotations only: the CPU path never imports torch (stmt_monai.arrays)
+    import torch
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -141,6 +145,9 @@ def resize(volume: np.ndarray | torch.Tensor, size: Sequence[int], mode: str = "
     ``mode="trilinear"`` for images (align_corners=False), ``"nearest"`` for label maps
     (``nearest-exact``: voxel centres map to voxel centres).
     """
+    import torch
+    import torch.nn.functional as F
+
     t = torch.as_tensor(volume)
     squeeze = t.ndim == 3
     if squeeze:
@@ -167,6 +174,8 @@ def canonical_tensor(array: np.ndarray, ornt: np.ndarray, device: str | torch.de
         ornt: ``to_canonical``'s orientation transform (``nibabel.orientations.io_orientation``).
         device: torch device.
     """
+    import torch
+
     a = np.asarray(array)
     order = [int(i) for i in np.argsort([-abs(s) for s in a.strides], kind="stable")]
     base = np.ascontiguousarray(a.transpose(order))  # a view already for C or Fortran order
@@ -249,7 +258,7 @@ def restore_label_map(labels: np.ndarray | torch.Tensor, geometry: CaseGeometry)
         ``(X, Y, Z)`` uint8 labels in the input file's voxel order (Fortran-ordered memory):
         nearest-neighbour resampled into the crop, zero outside it; write it with ``geometry.affine``.
     """
-    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    lab = as_numpy(labels)
     lab = lab.reshape(lab.shape[-3:]).astype(np.uint8, copy=False)
     # written straight into the file-order output through its canonical view: no reoriented copy;
     # Fortran order is NIfTI's, so writing the file needs no transposed copy either

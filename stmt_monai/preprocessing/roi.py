@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import cc3d
 import numpy as np
-import torch
 
+from stmt_monai.arrays import as_numpy
 from stmt_monai.preprocessing.geometry import CaseGeometry, crop, to_canonical
+
+if TYPE_CHECKING:  # annotations only: the CPU path never imports torch (stmt_monai.arrays)
+    import torch
 
 #: margin around the stage-1 abdomen box, in mm (covers the coarse 128^3 mask's blockiness)
 ROI_MARGIN_MM = 10.0
@@ -110,7 +114,7 @@ def abdomen_roi_from_prediction(
     """
     if isinstance(geometry, str):
         geometry = CaseGeometry.from_json(geometry)
-    mask = np.asarray(mask_net.detach().cpu() if isinstance(mask_net, torch.Tensor) else mask_net)
+    mask = as_numpy(mask_net)
     mask = np.ascontiguousarray(mask.reshape(mask.shape[-3:]) > 0)
     shape = np.asarray(geometry.canonical_shape)
     components, num = cc3d.connected_components(mask, connectivity=26, return_N=True)

@@ -12,13 +12,17 @@ here: the fingerprint normalises them (:mod:`stmt_monai.preprocessing.fingerprin
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from nibabel import orientations
 
+from stmt_monai.arrays import is_tensor
 from stmt_monai.preprocessing.geometry import CaseGeometry, crop, resize, resize_linear, to_canonical
 from stmt_monai.preprocessing.roi import ROI_MARGIN_MM, abdomen_roi
+
+if TYPE_CHECKING:  # annotations only: the CPU path never imports torch (stmt_monai.arrays)
+    import torch
 
 #: paper section 2.1: network input sizes of the two stages
 STAGE1_SIZE = (128, 128, 128)
@@ -39,7 +43,8 @@ def prepare_volume(
     labels: np.ndarray | Sequence[np.ndarray] | None = None,
     target_spacing_mm: Sequence[float] | None = None,
     canonical: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, CaseGeometry]:
+    as_tensor: bool = True,
+) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | None, CaseGeometry]:
     """Geometry half of preprocessing: canonical orientation, optional ROI crop, resize.
 
     Args:
@@ -59,9 +64,12 @@ def prepare_volume(
             prepares one volume for several networks; a view, ``contiguous=False``, is enough);
             its array may be a tensor on a device
             (:func:`~stmt_monai.preprocessing.geometry.canonical_tensor`): the crop is resized there.
+        as_tensor: return the image as a torch tensor (default); ``False``: a NumPy array when the
+            volume is one (the cascade's CPU path, which never imports torch).
 
     Returns:
-        ``(image, labels, geometry)``: ``(1, *network_size)`` float32 HU tensor, the labels as a
+        ``(image, labels, geometry)``: ``(1, *network_size)`` float32 HU tensor (array with
+        ``as_tensor=False``), the labels as a
         ``(1, *network_size)`` uint8 tensor (or None) and the :class:`CaseGeometry`.
     """
     shape = tuple(int(s) for s in image.shape)
@@ -83,11 +91,18 @@ def prepare_volume(
         raise ValueError("give network_size or target_spacing_mm")
     network_size = tuple(int(v) for v in network_size)
     geometry = CaseGeometry(shape, np.asarray(affine, float), ornt, start, end, network_size)
-    if isinstance(canonical, torch.Tensor):  # already on the network's device (the cascade on CUDA)
+    if is_tensor(canonical):  # already on the network's device (the cascade on CUDA)
         net_image = resize(crop(canonical, start, end)[None].float(), network_size, "trilinear")
     else:
-        net_image = torch.from_numpy(resize_linear(crop(canonical, start, end), network_size))[None]
+        net_image = resize_linear(crop(canonical, start, end), network_size)[None]
+        if as_tensor:
+            import torch
+
+            net_image = torch.from_numpy(net_image)
+
     def net_label(label_map: np.ndarray) -> torch.Tensor:
+        import torch
+
         canonical_labels = orientations.apply_orientation(label_map, ornt)
         return resize(torch.from_numpy(np.ascontiguousarray(crop(canonical_labels, start, end)))[None], network_size, "nearest")
 
