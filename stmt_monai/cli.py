@@ -63,7 +63,8 @@ def segment(
         overwrite: redo cases whose mask already exists (default: skip them).
         preview: write a PNG with axial, coronal and sagittal slices and the label overlay.
         bundles_dir: folder of the three stage bundles (default: the repository's ``bundles/``).
-        threads: CPU threads for the networks (default: torch's).
+        threads: CPU threads for the networks (default: ``OMP_NUM_THREADS`` when set, else the
+            backend's own choice, one per physical core).
         backend: ``auto`` (OpenVINO on the CPU when installed, as ``scripts/install.sh`` does;
             torch on CUDA), ``torch``, ``openvino`` (CPU), ``torchscript`` or ``onnx`` (CPU, ONNX Runtime; ``pip install 'stmt-monai[export]'``): the
             files ``stmt-export bundles/<stage bundle>`` writes beside each bundle's weights.

@@ -97,7 +97,8 @@ class Cascade:
         bundles_dir: folder holding ``coarse_abdomen``, ``organ_selftrain`` and
             ``tumor_meanteacher`` (default :func:`default_bundles_dir`).
         device: ``"cpu"`` or ``"cuda"``.
-        threads: ``torch.set_num_threads`` (and OpenVINO's threads); default unchanged.
+        threads: the networks' CPU threads (OpenVINO's and ONNX Runtime's; ``torch.set_num_threads``
+            where torch runs); default :func:`~stmt_monai.inference.backends.default_threads`.
         backend: ``"auto"`` (default: OpenVINO on the CPU when installed, torch on CUDA),
             ``"torch"``, ``"openvino"`` (CPU), ``"torchscript"`` or ``"onnx"`` (CPU): see
             :meth:`StageModel.from_bundle`.
