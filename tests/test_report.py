@@ -103,6 +103,28 @@ def test_diameter_handles_axis_order_and_matches_a_disc():
     assert longest_axial_diameter(np.zeros((3, 3, 3), bool), np.eye(4)) == (0.0, -1)
 
 
+def test_report_is_the_same_for_a_fortran_ordered_map():
+    """A NIfTI volume is Fortran-ordered and the report reads it in that order (masks, connected
+    components): every figure equals the report of the C-ordered copy."""
+    labels, image, organs = synthetic_case()
+    image = image + np.random.default_rng(0).normal(0.0, 30.0, image.shape).astype(np.float32)  # every voxel its own HU
+    reference = case_report(labels, AFFINE, image, organ_labels=organs)
+    fortran = case_report(np.asfortranarray(labels), AFFINE, np.asfortranarray(image), organ_labels=np.asfortranarray(organs))
+    assert fortran["tumors"]["count"] >= 2 and fortran["tumors"]["lesions"][0]["mean_hu"] is not None
+    assert _rounded(fortran) == _rounded(reference)
+
+
+def _rounded(value, digits: int = 9):
+    """The report with its floats to ``digits`` significant digits (sums in another order)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v, digits) for v in value]
+    return value
+
+
 def _diameter_by_every_corner(mask, affine):
     """The definition itself: every voxel corner of every axial slice, every pair."""
     axis = axial_axis(affine)

@@ -257,7 +257,7 @@ def _lesions(labels, affine, image, organ_labels, max_lesions) -> tuple[list[dic
                 "index": order,
                 "voxels": int(sizes[cid]),
                 "volume_ml": float(sizes[cid] * ml),
-                "mean_hu": float(_select(image_sub[local], comp).mean()) if image_sub is not None else None,
+                "mean_hu": float(_select(image_sub[local], comp).mean(dtype=np.float64)) if image_sub is not None else None,
                 "longest_axial_diameter_mm": round(float(diameter), 3),
                 "diameter_slice": int(slice_index + corner[axis]),
                 "host_organ_label": host,
