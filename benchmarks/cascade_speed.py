@@ -44,6 +44,7 @@ import numpy as np
 
 from stmt_monai.evaluation.efficiency import measure_command
 from stmt_monai.inference.backends import cpu_flags, cpu_model, cpu_precision, openvino_available
+from stmt_monai.inference.batch import output_paths
 from stmt_monai.inference.bundles import STAGE_BUNDLES, random_weight_bundles
 from stmt_monai.io import load_image, load_label, save_nifti
 from stmt_monai.preprocessing.fingerprint import foreground_fingerprint
@@ -111,8 +112,8 @@ def run_case(case: Path, out: Path, bundles: Path, weights: str, threads: int, a
     measured = measure_command(_segment_command(case, out, bundles, weights, threads, args), gpu=False, log_path=log, env=env)
     if measured["returncode"]:
         raise RuntimeError(f"stmt-segment {case} {' '.join(args)} failed:\n{log.read_text(errors='replace')[-3000:]}")
-    name = case.name[: -len("_0000.nii.gz")]
-    cascade = json.loads((out / f"{name}_report.json").read_text())["cascade"]
+    paths = output_paths(case, out)  # stmt-segment's own naming of a case's outputs
+    cascade = json.loads(paths["report_json"].read_text())["cascade"]
     steps = {"load_models": cascade["load_seconds"], **cascade["timings_s"]}
     # stmt-segment records its start-up (Python, imports) before loading; the rest of the wall
     # time is the report, written after its own timings, and the process's exit
@@ -130,7 +131,7 @@ def run_case(case: Path, out: Path, bundles: Path, weights: str, threads: int, a
         "roi": [cascade["roi"]["start_voxel"], cascade["roi"]["end_voxel"]],
         "backend": cascade["backend"],
         "precision": cascade["precision"],
-        "mask": str(out / f"{name}.nii.gz"),
+        "mask": str(paths["mask"]),
     }
 
 

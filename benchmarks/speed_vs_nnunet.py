@@ -312,39 +312,29 @@ def paper_size_bundles(work_dir: Path) -> Path:
 def run_cascade(ct_path: Path, work_dir: Path, threads: int, repeats: int = 3) -> dict:
     """Time ``stmt-segment`` as a user runs it, one whole fresh process per run (start-up, model
     loading, both stages, the label map and the per-case report written), default backend and
-    precision: one first run that converts and caches the compiled models, then ``repeats``
-    timed runs (the median).
+    precision, by ``cascade_speed.py``'s :func:`run_case`: one first run that converts and caches
+    the compiled models, then ``repeats`` timed runs (the median).
 
     Returns:
         ``{"total_s", "cpu_s", "first_run_s", "runs", "load_s", "timings", "backend", "precision"}``:
         median wall and CPU (user + system, all threads) seconds, the first run's wall seconds,
-        every timed run, and the last run's own report of its model loading and steps.
+        every timed run, and the last run's model loading and step seconds.
     """
-    from stmt_monai.evaluation.efficiency import measure_command
-    from stmt_monai.inference.batch import output_paths
+    from cascade_speed import run_case  # this folder's other benchmark: the same command, timed the same way
 
     bundles = paper_size_bundles(work_dir)
-    out = work_dir / "cascade_out"
-    command = [sys.executable, "-m", "stmt_monai.cli", str(ct_path), str(out), "--bundles_dir", str(bundles), "--weights", "trained",
-               "--threads", str(threads), "--overwrite", "--progress", "False"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "STMT_MONAI_CACHE": str(work_dir / "cache")}
-    runs = []
-    for _ in range(1 + int(repeats)):
-        measured = measure_command(command, gpu=False, env=env)
-        if measured["returncode"]:
-            raise RuntimeError(f"stmt-segment exited with status {measured['returncode']}: {' '.join(command)}")
-        runs.append({"wall_s": measured["wall_s"], "cpu_s": measured["cpu_s"]})
-    cascade = json.loads(output_paths(ct_path, out)["report_json"].read_text())["cascade"]
+    runs = [run_case(ct_path, work_dir / "cascade_out", bundles, "trained", threads, [], env) for _ in range(1 + int(repeats))]
     timed = runs[1:]
     return {
         "total_s": statistics.median(r["wall_s"] for r in timed),
         "cpu_s": statistics.median(r["cpu_s"] for r in timed),
         "first_run_s": runs[0]["wall_s"],
-        "runs": timed,
-        "load_s": cascade["load_seconds"],
-        "timings": cascade["timings_s"],
-        "backend": cascade["backend"],
-        "precision": cascade["precision"],
+        "runs": [{"wall_s": r["wall_s"], "cpu_s": r["cpu_s"]} for r in timed],
+        "load_s": timed[-1]["steps_s"]["load_models"],
+        "timings": timed[-1]["steps_s"],
+        "backend": timed[-1]["backend"],
+        "precision": timed[-1]["precision"],
     }
 
 

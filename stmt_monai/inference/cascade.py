@@ -124,7 +124,8 @@ class Cascade:
         precision: str = "auto",
     ):
         start = time.perf_counter()
-        if device_type(device) == "cuda" or resolve_backend(backend, device) in ("torch", "torchscript"):
+        resolved = resolve_backend(backend, device)
+        if device_type(device) == "cuda" or resolved in ("torch", "torchscript"):
             import torch  # only where torch runs: the CPU path with OpenVINO starts ~1.2 s sooner without it
 
             if threads:
@@ -140,7 +141,7 @@ class Cascade:
         abdomen = self.models["abdomen"].settings
         self.margin_mm = float(margin_mm if margin_mm is not None else abdomen.get("roi_margin_mm", ROI_MARGIN_MM))
         self.min_component_fraction = float(abdomen.get("min_component_fraction", ROI_MIN_COMPONENT_FRACTION))
-        self.device, self.backend = device, resolve_backend(backend, device)
+        self.device, self.backend = device, resolved
         self.precision = self.models["organ"].settings.get("precision", "f32")
         self.load_seconds = time.perf_counter() - start
 
