@@ -70,6 +70,7 @@ LABELS = {
     "mean_teacher": "Mean teacher",
     "mt_oracle": "Mean teacher, oracle target (upper bound)",
     "mt_paper": "Mean teacher, the paper's constant lambda, plain EMA",
+    "mt_confident": "Mean teacher, only the teacher's confident tumor (p > 0.9)",
 }
 
 

@@ -122,6 +122,7 @@ def test_rows_differ_only_by_their_listed_keys(tmp_path):
     assert steps["st_partial"].overrides["streams"] == ["labelled", "cpl"]
     assert "streams" not in steps["st_partial_unlabelled"].overrides  # the bundle's default: all three
     assert steps["fst"].overrides["lambda_cpl"] == 0.0 and "lambda_cpl" not in steps["mean_teacher"].overrides
+    assert steps["mt_confident"].overrides["teacher_threshold"] == 0.9 and "teacher_threshold" not in steps["mean_teacher"].overrides
     assert steps["st_partial"].needs == ((0, "pseudo_labels"),) and steps["fso"].needs == ()
     # one teacher for every seed: seed 2's self-training waits for seed 0's pseudo labels
     shared = {s.name: s for s in ablation.seed_steps(paths, AblationSettings(teacher_seed=0), 2)}
