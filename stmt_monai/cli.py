@@ -51,6 +51,7 @@ def segment(
     strict: bool = False,
     max_memory_gb: float | None = None,
     dicom_seg: bool = False,
+    outside_tumors: bool = False,
 ) -> BatchResult:
     """Segment a CT file, a folder of CTs or a DICOM series folder into FLARE label maps.
 
@@ -85,12 +86,17 @@ def segment(
         dicom_seg: also write each DICOM series case's label map as a DICOM Segmentation,
             ``<case>_seg.dcm`` (one segment per label present, SNOMED CT coded, referencing the
             source series; :func:`stmt_monai.inference.dicom_seg.write_dicom_seg`).
+        outside_tumors: also look for tumors outside stage 1's abdomen box (one more pass of the
+            tumor network over the whole volume; not in the paper, off by default:
+            ``docs/outside_roi_tumors.md`` has what it finds and costs).
 
     Returns:
         the :class:`~stmt_monai.inference.batch.BatchResult` (failed cases with their reasons).
     """
     start_up = _process_seconds()  # Python and the imports, before any model is read
-    cascade = Cascade(bundles_dir, device=device, threads=threads, backend=backend, weights=weights, amp=amp, precision=precision)
+    cascade = Cascade(
+        bundles_dir, device=device, threads=threads, backend=backend, weights=weights, amp=amp, precision=precision, outside_tumors=outside_tumors
+    )
     cascade.start_up_seconds = start_up
     max_memory_bytes = None if max_memory_gb is None else int(float(max_memory_gb) * 1e9)
     result = segment_folder(

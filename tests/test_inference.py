@@ -1,5 +1,6 @@
 """stmt_monai.inference.cascade: the cascade on real files (NIfTI and DICOM), with tiny networks."""
 
+import copy
 
 import cc3d
 import numpy as np
@@ -10,6 +11,7 @@ from cascade_helpers import FINGERPRINT, TINY, copy_bundles, random_bundles, tra
 from stmt_monai.inference.batch import output_paths
 from stmt_monai.inference.bundles import STAGE_BUNDLES, bundle_config, load_weights, random_weights, save_weights, write_demo_config
 from stmt_monai.inference.cascade import Cascade
+from stmt_monai.inference.outside_roi import outside_roi_tumors
 from stmt_monai.inference.stage import StageModel
 from stmt_monai.io import load_image, load_label
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR
@@ -56,6 +58,31 @@ def test_cascade_output_has_the_input_geometry(random_cascade, case, request):
         inside[x0:x1, y0:y1, z0:z1] = True
         assert not result.labels[~inside].any()
     assert {"read", "stage1", "organ", "tumor", "restore"} <= set(result.timings)
+
+
+@pytest.mark.slow
+def test_outside_tumors_are_added_only_outside_stage_1s_box(trained_cascade, real_ct, tmp_path):
+    """``outside_tumors``: stage 1 fitted to the real CT gives a box smaller than the volume, a
+    random tumor network marks noise everywhere; inside the box the labels are the default's,
+    outside it exactly the whole-volume pass's tumors (and nothing without the step)."""
+    tumor = StageModel.from_bundle(random_bundles(tmp_path) / STAGE_BUNDLES["tumor"], "tumor", backend=trained_cascade.backend)
+    cascade = copy.copy(trained_cascade)
+    cascade.models = {**trained_cascade.models, "tumor": tumor}
+    default = cascade.segment(real_ct)
+    cascade.outside_tumors = True
+    result = cascade.segment(real_ct)
+    start, end = result.roi["start_voxel"], result.roi["end_voxel"]
+    inside = np.zeros(result.labels.shape, bool)
+    inside[tuple(slice(s, e) for s, e in zip(start, end))] = True  # this CT is RAS: canonical = file order
+    assert not inside.all()
+    np.testing.assert_array_equal(result.labels[inside], default.labels[inside])
+    assert not default.labels[~inside].any()
+    image, affine = load_image(real_ct)
+    direct = outside_roi_tumors(tumor, image, affine, (start, end))
+    assert direct is not None and direct[~inside].any()
+    np.testing.assert_array_equal(result.labels[~inside], np.where(direct[~inside] > 0, TUMOR, 0))
+    assert "outside_tumors" in result.timings and "outside_tumors" not in default.timings
+    assert result.organ_labels is not None and not result.organ_labels[~inside].any()
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@
 4. post-processing at network resolution: largest connected component per organ class, tumor
    laid over the organs (:mod:`stmt_monai.inference.postprocessing`);
 5. nearest-neighbour restore into the crop and zero padding to the input's exact shape, in the
-   file's own voxel order (:func:`stmt_monai.preprocessing.geometry.restore_label_map`).
+   file's own voxel order (:func:`stmt_monai.preprocessing.geometry.restore_label_map`);
+6. optional, beyond the paper (``outside_tumors``, off by default): the tumor network once more
+   over the whole volume, for lesions outside stage 1's box (:mod:`stmt_monai.inference.outside_roi`).
 
 The argmax is always taken at network resolution: an argmax over a full-resolution 14-channel
 probability map of a 512 x 512 x 300 CT costs ~17 s on 2 CPU cores and ~9 GB, labels restored
@@ -45,6 +47,7 @@ from stmt_monai.inference.checks import (
     network_sizes,
     raise_if_strict,
 )
+from stmt_monai.inference.outside_roi import outside_roi_tumors
 from stmt_monai.inference.postprocessing import largest_component, overlay_tumor
 from stmt_monai.inference.stage import StageModel
 from stmt_monai.io import ImageError, InputWarning, load_image
@@ -109,6 +112,9 @@ class Cascade:
             it lowers the peak GPU memory; off on the CPU.
         precision: OpenVINO's inference precision: ``"auto"`` (bf16 where the CPU computes in
             bf16, else f32), ``"f32"``, ``"bf16"`` or ``"int8"`` (NNCF models from ``stmt-export``).
+        outside_tumors: also look for tumors outside stage 1's box, with one more tumor-network
+            pass over the whole volume (:mod:`stmt_monai.inference.outside_roi`; not in the paper,
+            off by default: ``docs/outside_roi_tumors.md`` measures it).
     """
 
     def __init__(
@@ -122,6 +128,7 @@ class Cascade:
         bundles: Mapping[str, str | os.PathLike] | None = None,
         amp: bool | None = None,
         precision: str = "auto",
+        outside_tumors: bool = False,
     ):
         start = time.perf_counter()
         resolved = resolve_backend(backend, device)
@@ -142,6 +149,7 @@ class Cascade:
         self.margin_mm = float(margin_mm if margin_mm is not None else abdomen.get("roi_margin_mm", ROI_MARGIN_MM))
         self.min_component_fraction = float(abdomen.get("min_component_fraction", ROI_MIN_COMPONENT_FRACTION))
         self.device, self.backend = device, resolved
+        self.outside_tumors = bool(outside_tumors)
         self.precision = self.models["organ"].settings.get("precision", "f32")
         self.load_seconds = time.perf_counter() - start
 
@@ -152,6 +160,7 @@ class Cascade:
             "precision": self.precision,
             "device": str(self.device),
             "roi_margin_mm": self.margin_mm,
+            "outside_tumors": self.outside_tumors,
             "load_seconds": round(self.load_seconds, 3),
             # set by stmt-segment: the process's start-up before the models (None elsewhere)
             "start_up_seconds": None if getattr(self, "start_up_seconds", None) is None else round(self.start_up_seconds, 3),
@@ -254,7 +263,7 @@ class Cascade:
             x3, _, _ = prepare_volume(image, affine, tumor.spatial_size, roi_box=box, canonical=canonical, as_tensor=False)
             tumor_in = tumor.fingerprint.normalize(x3)
             del x3
-        del x2, canonical  # the whole reoriented volume is not needed by the networks
+        del x2
         lap("stage2_input")
         organ_net = largest_component(organ.predict(organ_in))
         lap("organ")
@@ -263,13 +272,21 @@ class Cascade:
         tumor_net = as_numpy(tumor_net) if same_size else resize_nearest(as_numpy(tumor_net), organ.spatial_size)
         del organ_in, tumor_in
         lap("tumor")
+        outside = None
+        if self.outside_tumors:  # on the input's grid, never inside the box
+            outside = outside_roi_tumors(tumor, image, affine, box, canonical=canonical)
+            lap("outside_tumors")
+        del canonical  # the whole reoriented volume is not needed any more
         organ_labels = restore_label_map(organ_net, geometry2)
         if any(r < n for r, n in zip(geometry2.roi_shape, geometry2.network_size)):
             # nearest down-sampling (a crop thinner than the network input) can split a component
             organ_labels = largest_component(organ_labels)
-        if tumor_net.any():
+        tumor_labels = restore_label_map(tumor_net, geometry2) if tumor_net.any() else None
+        if outside is not None:
+            tumor_labels = outside if tumor_labels is None else np.maximum(tumor_labels, outside, out=tumor_labels)
+        if tumor_labels is not None:
             # restore(overlay(organs, tumor)) == overlay(restore(organs), restore(tumor)): nearest is voxelwise
-            labels = overlay_tumor(organ_labels, restore_label_map(tumor_net, geometry2))
+            labels = overlay_tumor(organ_labels, tumor_labels)
         else:
             labels, organ_labels = organ_labels, None
         lap("restore")
