@@ -37,6 +37,7 @@ from stmt_monai.evaluation.ablation import (
     row_overrides,
     run_ablation,
     score_ablation,
+    teacher_targets,
 )
 from stmt_monai.inference.backends import cpu_model
 from stmt_monai.labels import ORGANS, TUMOR
@@ -121,6 +122,13 @@ def markdown(results: dict, settings: AblationSettings, seeds: list[int], wall_s
                 st = results["student"][row][seed]
                 out.append(f"| {LABELS[row]} | {seed} | {les['found']} | {les['missed']} | {les['false_components_per_case']:.2f} | "
                            f"{st['tumor_dsc']:.1f}, {st['found']}, {st['missed']}, {st['false_components_per_case']:.2f} |")
+    if results.get("targets"):
+        out += ["", "The extra target of eq. (2) after training: each row's EMA teacher on its own training cases, united with "
+                "the annotation, against the hidden truth (what the mean teacher's second term teaches):", "",
+                "| row | seed | unannotated lesions in the target | false components per case |", "| --- | --- | ---: | ---: |"]
+        for row in TUMOR_ROWS:
+            for seed, t in sorted(results["targets"].get(row, {}).items(), key=lambda kv: str(kv[0])):
+                out.append(f"| {LABELS[row]} | {seed} | {t['unannotated']['found']} / {t['unannotated']['total']} | {t['false_components_per_case']:.2f} |")
     names = {**{k: v[:6] for k, v in ORGANS.items()}, TUMOR: "tumor"}
     out += ["", "Per-class test DSC (%, mean over seeds):", "", "| row | " + " | ".join(names[c] for c in sorted(names)) + " |", "|---" * (len(names) + 1) + "|"]
     for row in ROW_NAMES:
@@ -196,6 +204,7 @@ def main(
     json_output: str | None = None,
     chart_dir: str | None = None,
     cohort_size: int | None = None,
+    targets: bool = False,
     **settings,
 ) -> None:
     """Run (or resume) the ablation and print its tables.
@@ -208,6 +217,8 @@ def main(
         report_only: only score what is there and print.
         output, json_output, chart_dir: also write the markdown, the JSON figures, the PNG charts.
         cohort_size: voxels across the generated cohort's larger in-plane axis (default 96).
+        targets: also score what each tumor row's extra target holds after training
+            (:func:`~stmt_monai.evaluation.ablation.teacher_targets`; the oracle row's is the truth).
         settings: any :class:`~stmt_monai.evaluation.ablation.AblationSettings` field, e.g.
             ``--organ_epochs 40 --device cuda --spatial_size 64``.
     """
@@ -226,6 +237,11 @@ def main(
             make_cohort(cohort, config, seed=0, workers=2)
         run_ablation(cohort, work, seed_list, settings_obj, row_list)
     results = score_ablation(cohort, work, seed_list, row_list)
+    if targets:
+        for row in (r for r in row_list if r in TUMOR_ROWS and r != "mt_oracle"):
+            for seed in seed_list:
+                if (work / f"seed{seed}" / row / "done.json").is_file():
+                    results.setdefault("targets", {}).setdefault(row, {})[seed] = teacher_targets(cohort, work, seed, row, settings_obj)
     wall = None if report_only else time.perf_counter() - start
     text = markdown(results, settings_obj, seed_list, wall)
     text += f"\nMachine: {platform.machine()}, {cpu_model()}, torch threads per run {settings_obj.threads}\n"

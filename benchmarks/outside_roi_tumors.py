@@ -75,7 +75,7 @@ def score_case(truth: np.ndarray, inside_box: np.ndarray, pred: np.ndarray | Non
 def main(
     runs: str,
     work_dir: str = "runs/outside_roi",
-    num_cases: int = 24,
+    num_cases: int = 48,
     seed: int = 1,
     outside_share: float = 0.5,
     min_volume_ml: str | float | tuple = (0.1, OUTSIDE_MIN_VOLUME_ML, 2.0),

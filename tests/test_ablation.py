@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import math
 import shlex
+from pathlib import Path
 
+import cc3d
+import numpy as np
 import pytest
 
 from stmt_monai.bundle import format_override
+from stmt_monai.data.datalists import load_datalist
 from stmt_monai.evaluation import ablation
 from stmt_monai.evaluation.ablation import (
     ORGAN_ROWS,
@@ -23,6 +27,8 @@ from stmt_monai.evaluation.ablation import (
     row_overrides,
     run_ablation,
 )
+from stmt_monai.io import case_name, load_label
+from stmt_monai.labels import TUMOR
 
 TINY = AblationSettings(
     spatial_size=(16, 16, 16),
@@ -93,6 +99,21 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
     run_ablation(small_cohort, work, seeds=(0,), settings=TINY)
     assert before == {row: (seed_dir / row / "done.json").stat().st_mtime for row in ROW_NAMES}
     assert json.loads((work / "results.json").read_text())["rows"].keys() == results["rows"].keys()
+    # the mean teacher's extra target after training: the EMA teacher through the bundle's
+    # inference on the row's training cases, united with the annotation
+    targets = ablation.teacher_targets(small_cohort, work, 0, "mean_teacher", TINY)
+    log = (seed_dir / "mean_teacher" / "train_teacher_pred.log").read_text()
+    assert "mean_teacher.pt" in " ".join(_command(log, "inference"))
+    tumor_cases = load_datalist(work / "prepared" / "datalist_tumor.json")
+    assert targets["cases"] == len(tumor_cases) > 0
+    assert targets["annotated"]["found"] == targets["annotated"]["total"] > 0  # the union holds every annotated lesion
+    hidden = 0
+    for item in tumor_cases:
+        truth, _ = load_label(Path(small_cohort) / "truth" / f"{case_name(item['image'])}.nii.gz")
+        annotation, _ = load_label(item["label"], truth.shape)
+        lesions, n = cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)
+        hidden += n - len(set(np.unique(lesions[annotation == TUMOR])) - {0})
+    assert targets["unannotated"]["total"] == hidden
 
 
 def test_paired_difference_gives_the_t_interval_of_the_mean():

@@ -553,6 +553,63 @@ def score_ablation(
     return results
 
 
+def teacher_targets(
+    cohort_dir: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    seed: int,
+    row: str,
+    settings: AblationSettings,
+    bundles_dir: str | os.PathLike | None = None,
+) -> dict:
+    """What a tumor row's extra target of eq. (2) holds after training (the mean teacher's "why").
+
+    The row's EMA teacher (``models/mean_teacher.pt``, the best validation epoch's) segments the
+    row's own training cases by the bundle's ``inference`` workflow (the same region of interest as
+    in training); its tumor, united with the annotation as the real-time correction does
+    (:func:`~stmt_monai.training.mean_teacher.correct_tumor_pseudo_label`), is scored against the
+    cohort's hidden truth lesion by lesion (:func:`~stmt_monai.evaluation.lesions.lesion_detection`):
+    the unannotated lesions it adds (what the target should teach), and its false components (what it
+    teaches wrongly). The teacher's tumor is its argmax (``teacher_threshold`` 0.5).
+
+    Returns:
+        :func:`~stmt_monai.evaluation.lesions.detection_totals` of the corrected targets (with
+        ``"unannotated"``), plus ``"cases"``; predictions are kept in ``<run>/train_teacher_pred``.
+    """
+    from stmt_monai.data.datalists import load_datalist
+    from stmt_monai.evaluation.lesions import lesion_detection
+    from stmt_monai.inference.bundles import default_bundles_dir
+
+    paths = AblationPaths(Path(cohort_dir).resolve(), Path(work_dir).resolve())
+    run = paths.run_dir(row, seed)
+    if not (run / DONE).is_file():
+        raise FileNotFoundError(f"{run}: the row {row!r} of seed {seed} has not finished")
+    items = load_datalist(paths.prepared / "datalist_tumor.json")
+    jobs = _write_datalist(paths.lists / "tumor_train_jobs.json", [{"image": i["image"], "name": case_name(i["image"])} for i in items])
+    out = run / "train_teacher_pred"
+    if not all((out / f"{case_name(i['image'])}.nii.gz").is_file() for i in items):
+        bundles = Path(bundles_dir) if bundles_dir else default_bundles_dir()
+        overrides = {
+            **settings.network(),
+            "input_dir": str(jobs),
+            "roi_dir": str(paths.cohort / "truth"),
+            "output_dir": str(out),
+            "model_path": str(run / "models" / "mean_teacher.pt"),
+            "fingerprint": str(run / "models" / "fingerprint.json"),
+            "inference_network": "teacher",
+            "num_workers": 0,
+        }
+        run_workflow(bundles / TUMOR_BUNDLE, "inference", overrides, log_file=run / "train_teacher_pred.log", threads=settings.threads)
+    cases = {}
+    for item in items:
+        name = case_name(item["image"])
+        truth, affine = load_label(paths.cohort / "truth" / f"{name}.nii.gz")
+        annotation, _ = load_label(item["label"], truth.shape)
+        pred, _ = load_label(out / f"{name}.nii.gz", truth.shape)
+        target = (pred == TUMOR) | (annotation == TUMOR)  # the real-time correction: the union
+        cases[name] = lesion_detection(truth == TUMOR, target, affine, annotation=annotation == TUMOR)
+    return detection_totals(cases)
+
+
 # ----------------------------------------------------------------------------- statistics
 def paired_difference(rows: Mapping[str, Mapping], better: str, worse: str, metric: str) -> dict | None:
     """Paired difference ``better - worse`` of ``metric`` over the seeds both rows have.
