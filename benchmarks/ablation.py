@@ -116,11 +116,14 @@ def markdown(results: dict, settings: AblationSettings, seeds: list[int], wall_s
             out.append(f"| {seed} | {t['organ_dsc']:.1f} | {fso:.1f} |")
     if results.get("lesions"):
         out += ["", "Tumor lesions on the test cases (scored network / student):", "",
-                "| row | seed | found | missed | false components per case | student: tumor DSC, found, missed, false per case |", "| --- | --- | ---: | ---: | ---: | --- |"]
+                "| row | seed | found | missed | false components per case | DSC on the cases with tumor | tumor-free cases without a false tumor | student: tumor DSC, found, missed, false per case |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
         for row in TUMOR_ROWS:
             for seed, les in sorted(results["lesions"].get(row, {}).items(), key=lambda kv: str(kv[0])):
                 st = results["student"][row][seed]
-                out.append(f"| {LABELS[row]} | {seed} | {les['found']} | {les['missed']} | {les['false_components_per_case']:.2f} | "
+                split = results.get("tumor_split", {}).get(row, {}).get(seed)
+                split_cells = f"{split['tumor_dsc_present']:.1f} | {split['tumor_free_clean']} / {split['tumor_free_cases']}" if split else "— | —"
+                out.append(f"| {LABELS[row]} | {seed} | {les['found']} | {les['missed']} | {les['false_components_per_case']:.2f} | {split_cells} | "
                            f"{st['tumor_dsc']:.1f}, {st['found']}, {st['missed']}, {st['false_components_per_case']:.2f} |")
     if results.get("targets"):
         out += ["", "The extra target of eq. (2) after training: each row's EMA teacher on its own training cases, united with "

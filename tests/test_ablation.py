@@ -93,7 +93,7 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
         key = "organ_dsc" if row in ORGAN_ROWS else "tumor_dsc"
         assert 0.0 <= scores[key] <= 100.0
     assert set(results["rows"]) == set(ROW_NAMES)
-    assert set(results["lesions"]) == set(TUMOR_ROWS)
+    assert set(results["lesions"]) == set(TUMOR_ROWS) == set(results["tumor_split"])
     # a second call resumes: nothing is trained again
     before = {row: (seed_dir / row / "done.json").stat().st_mtime for row in ROW_NAMES}
     run_ablation(small_cohort, work, seeds=(0,), settings=TINY)
@@ -114,6 +114,15 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
         lesions, n = cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)
         hidden += n - len(set(np.unique(lesions[annotation == TUMOR])) - {0})
     assert targets["unannotated"]["total"] == hidden
+
+
+def test_tumor_split_separates_cases_with_tumor_from_tumor_free_ones():
+    scored = {
+        "cases": {"a": {TUMOR: {"dsc": 0.5}}, "b": {TUMOR: {"dsc": 1.0}}, "c": {TUMOR: {"dsc": 0.0}}, "d": {TUMOR: {"dsc": 0.0}}},
+        "lesions": {"a": {"found": 1, "missed": 0}, "b": {"found": 0, "missed": 0}, "c": {"found": 0, "missed": 0}, "d": {"found": 0, "missed": 2}},
+    }
+    # a and d hold tumors (d's missed); b and c none, c with a false tumor (DSC 0 by FLARE's rule)
+    assert ablation.tumor_split(scored) == {"tumor_dsc_present": 25.0, "tumor_free_clean": 1, "tumor_free_cases": 2}
 
 
 def test_paired_difference_gives_the_t_interval_of_the_mean():

@@ -503,6 +503,31 @@ def score_predictions(pred_dir: str | os.PathLike, label_dir: str | os.PathLike,
     return out
 
 
+def tumor_split(scored: Mapping) -> dict:
+    """A tumor row's FLARE DSC split by the kind of test case (what the mean over all hides).
+
+    FLARE scores a case without tumor 1 when the prediction has none and 0 otherwise, so one
+    false component on a tumor-free case costs as much as missing a whole case's tumors.
+
+    Args:
+        scored: :func:`score_predictions` of a tumor row (``cases`` and ``lesions``).
+
+    Returns:
+        ``{"tumor_dsc_present"}``: mean DSC (%) over the cases with a tumor, ``"tumor_free_clean"``
+        and ``"tumor_free_cases"``: the tumor-free cases predicted without tumor, and their number.
+    """
+    present, clean, free = [], 0, 0
+    for name, scores in scored["cases"].items():
+        dsc = scores[TUMOR]["dsc"]
+        lesion = scored["lesions"][name]
+        if lesion["found"] + lesion["missed"]:
+            present.append(dsc)
+        else:
+            free += 1
+            clean += int(dsc == 1.0)
+    return {"tumor_dsc_present": 100 * float(np.mean(present)) if present else math.nan, "tumor_free_clean": clean, "tumor_free_cases": free}
+
+
 def learning_curve(log_dir: str | os.PathLike, tag: str = "val_mean_dice") -> list[tuple[int, float]]:
     """``(epoch, value)`` of a TensorBoard scalar written by the bundle's validation."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -524,10 +549,11 @@ def score_ablation(
     Returns:
         ``{"rows": {row: {seed: {"organ_dsc", "organ_nsd", ...}}}, "per_class": ..., "teacher": {seed:
         test scores}, "curves": {row: {seed: [(epoch, dice)]}}, "runs": {row: {seed: record}},
-        "lesions": {row: {seed: totals}}, "student": {row: {seed: tumor scores}}}``; DSC / NSD in %.
+        "lesions": {row: {seed: totals}}, "student": {row: {seed: tumor scores}}, "tumor_split": {row:
+        {seed: tumor_split(...)}}}``; DSC / NSD in %.
     """
     paths = AblationPaths(Path(cohort_dir).resolve(), Path(work_dir).resolve())
-    results: dict = {"rows": {}, "per_class": {}, "teacher": {}, "curves": {}, "runs": {}, "lesions": {}, "student": {}}
+    results: dict = {"rows": {}, "per_class": {}, "teacher": {}, "curves": {}, "runs": {}, "lesions": {}, "student": {}, "tumor_split": {}}
     for seed in seeds:
         teacher_pred = paths.teacher_dir(seed) / "test_pred"
         if (paths.teacher_dir(seed) / f"teacher_test_{DONE}").is_file():
@@ -547,6 +573,7 @@ def score_ablation(
             results["runs"].setdefault(row, {})[seed] = json.loads((run / DONE).read_text())
             if not organ:
                 results["lesions"].setdefault(row, {})[seed] = detection_totals(scored["lesions"])
+                results["tumor_split"].setdefault(row, {})[seed] = tumor_split(scored)
                 student = score_predictions(run / "test_pred_student", paths.test_labels, (TUMOR,), organ_postprocessing=False)
                 results["student"].setdefault(row, {})[seed] = {"tumor_dsc": 100 * student["summary"]["tumor_dsc"], **detection_totals(student["lesions"])}
     write_text_atomic(paths.work / "results.json", json.dumps(results, indent=1, default=float) + "\n")
