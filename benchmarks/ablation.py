@@ -36,6 +36,7 @@ from stmt_monai.evaluation.ablation import (
     paired_difference,
     row_overrides,
     run_ablation,
+    predict_held_out,
     score_ablation,
     teacher_targets,
 )
@@ -61,6 +62,8 @@ COHORT = CohortConfig(
     tumor_diameter_mm=(15.0, 45.0),
     unannotated_tumor_share=0.5,
 )
+#: the generator's seed of ``--held_out`` test cases (the cohort itself is seed 0)
+HELD_OUT_SEED = 1000
 LABELS = {
     "nnunet": "nnU-Net (all partial labels, supervised)",
     "fso": "FSO",
@@ -95,7 +98,7 @@ def markdown(results: dict, settings: AblationSettings, seeds: list[int], wall_s
         paper = PAPER_TABLE3.get(row, {})
         overrides = ", ".join(f"`{k}={json.dumps(v)}`" for k, v in row_overrides(row).items()) or "(none: the bundle's defaults)"
         out.append(f"| {LABELS[row]} | " + " | ".join(cells) + f" | {paper.get('organ_dsc', '—')} | {paper.get('tumor_dsc', '—')} | {overrides} |")
-    out += ["", f"%, mean ± sd over seeds {seeds} on {len(next(iter(results['runs'].values()), {}) and seeds)} seed(s), 12 test cases; "
+    out += ["", f"%, mean ± sd over seeds {seeds} on {len(next(iter(results['runs'].values()), {}) and seeds)} seed(s), {results.get('test_cases', 12)} test cases; "
             "paper: Table 3 (FLARE23 validation).", ""]
     out += ["Paired differences (same seed, same test cases), points of %:", "",
             "| comparison | metric | per seed | mean | 95 % interval | paper | verdict |", "| --- | --- | --- | ---: | --- | ---: | --- |"]
@@ -208,6 +211,7 @@ def main(
     chart_dir: str | None = None,
     cohort_size: int | None = None,
     targets: bool = False,
+    held_out: int = 0,
     **settings,
 ) -> None:
     """Run (or resume) the ablation and print its tables.
@@ -220,6 +224,9 @@ def main(
         report_only: only score what is there and print.
         output, json_output, chart_dir: also write the markdown, the JSON figures, the PNG charts.
         cohort_size: voxels across the generated cohort's larger in-plane axis (default 96).
+        held_out: score on this many extra generated test cases (the cohort's settings, another
+            seed; made once in ``work_dir/held_out<N>``) instead of the cohort's 12: every finished
+            run predicts them with its bundle's inference (:func:`~stmt_monai.evaluation.ablation.predict_held_out`).
         targets: also score what each tumor row's extra target holds after training
             (:func:`~stmt_monai.evaluation.ablation.teacher_targets`; the oracle row's is the truth).
         settings: any :class:`~stmt_monai.evaluation.ablation.AblationSettings` field, e.g.
@@ -239,7 +246,16 @@ def main(
             config = dataclasses.replace(COHORT, size=int(cohort_size)) if cohort_size else COHORT
             make_cohort(cohort, config, seed=0, workers=2)
         run_ablation(cohort, work, seed_list, settings_obj, row_list)
-    results = score_ablation(cohort, work, seed_list, row_list)
+    test_dir = tag = None
+    if held_out:
+        tag = f"held_out{int(held_out)}"
+        if not (work / tag / "policy.json").is_file():
+            config = dataclasses.replace(COHORT, size=int(cohort_size)) if cohort_size else COHORT
+            config = dataclasses.replace(config, num_labelled=0, num_unlabelled=0, num_validation=0, num_test=int(held_out))
+            make_cohort(work / tag, config, seed=HELD_OUT_SEED, workers=2)
+        test_dir = work / tag / "test"
+        predict_held_out(cohort, work, test_dir, seed_list, row_list, settings_obj, tag=tag)
+    results = score_ablation(cohort, work, seed_list, row_list, test_dir=test_dir, tag=tag)
     if targets:
         for row in (r for r in row_list if r in TUMOR_ROWS and r != "mt_oracle"):
             for seed in seed_list:

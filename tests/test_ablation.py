@@ -99,6 +99,13 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
     run_ablation(small_cohort, work, seeds=(0,), settings=TINY)
     assert before == {row: (seed_dir / row / "done.json").stat().st_mtime for row in ROW_NAMES}
     assert json.loads((work / "results.json").read_text())["rows"].keys() == results["rows"].keys()
+    # another test set through the same inference (here the cohort's own, so the scores must agree)
+    ablation.predict_held_out(small_cohort, work, Path(small_cohort) / "test", (0,), ("fso", "fst"), TINY, tag="again")
+    assert (seed_dir / "fst" / "test_pred_student_again").is_dir()
+    again = ablation.score_ablation(small_cohort, work, (0,), ("fso", "fst"), test_dir=Path(small_cohort) / "test", tag="again")
+    assert (work / "results_again.json").is_file() and again["test_cases"] == results["test_cases"]
+    for row in ("fso", "fst"):
+        assert again["rows"][row] == results["rows"][row]
     # the mean teacher's extra target after training: the EMA teacher through the bundle's
     # inference on the row's training cases, united with the annotation
     targets = ablation.teacher_targets(small_cohort, work, 0, "mean_teacher", TINY)

@@ -395,23 +395,61 @@ def _run_step(step: Step, paths: AblationPaths, seed: int, bundles_dir: Path, se
     seconds = run_workflow(bundles_dir / step.bundle, step.workflow, step.overrides, log_file=log, threads=settings.threads)
     record = {"step": step.name, "bundle": step.bundle, "workflow": step.workflow, "overrides": step.overrides, "seconds": round(seconds, 1)}
     if step.bundle in (ORGAN_BUNDLE, TUMOR_BUNDLE) and step.workflow == "train":
-        test_dir = out / "test_pred"
-        inference = {
-            **settings.network(),
-            "input_dir": str(paths.test_images),
-            "roi_dir": str(paths.test_labels),
-            "output_dir": str(test_dir),
-            "model_path": str(out / "models" / "model.pt"),
-            "fingerprint": str(out / "models" / "fingerprint.json"),
-            "num_workers": 0,
-        }
-        record["inference_seconds"] = round(run_workflow(bundles_dir / step.bundle, "inference", inference, log_file=log, threads=settings.threads), 1)
-        if step.bundle == TUMOR_BUNDLE:  # the student too, for the diagnostics: model.pt holds the teacher only
-            student = {"inference_network": "student", "model_path": str(out / "models" / "mean_teacher.pt")}
-            inference.update({**student, "output_dir": str(out / "test_pred_student")})
-            run_workflow(bundles_dir / step.bundle, "inference", inference, log_file=log, threads=settings.threads)
+        seconds = _predict_test(step.bundle, out, paths.test_images, paths.test_labels, "", settings, bundles_dir, log)
+        record["inference_seconds"] = round(seconds, 1)
     write_text_atomic(marker, json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _predict_test(bundle: str, run: Path, images: Path, labels: Path, suffix: str, settings: AblationSettings, bundles_dir: Path, log: Path) -> float:
+    """A trained run's model on a test set by the bundle's own ``inference`` workflow, into
+    ``<run>/test_pred<suffix>`` (the region of interest from the test labels: a perfect stage 1);
+    for a tumor row also its student, into ``test_pred_student<suffix>`` (``model.pt`` holds the
+    teacher only). Returns the seconds of the first."""
+    inference = {
+        **settings.network(),
+        "input_dir": str(images),
+        "roi_dir": str(labels),
+        "output_dir": str(run / f"test_pred{suffix}"),
+        "model_path": str(run / "models" / "model.pt"),
+        "fingerprint": str(run / "models" / "fingerprint.json"),
+        "num_workers": 0,
+    }
+    seconds = run_workflow(bundles_dir / bundle, "inference", inference, log_file=log, threads=settings.threads)
+    if bundle == TUMOR_BUNDLE:
+        student = {"inference_network": "student", "model_path": str(run / "models" / "mean_teacher.pt")}
+        inference.update({**student, "output_dir": str(run / f"test_pred_student{suffix}")})
+        run_workflow(bundles_dir / bundle, "inference", inference, log_file=log, threads=settings.threads)
+    return seconds
+
+
+def predict_held_out(
+    cohort_dir: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    test_dir: str | os.PathLike,
+    seeds: Sequence[int],
+    rows: Sequence[str],
+    settings: AblationSettings,
+    bundles_dir: str | os.PathLike | None = None,
+    tag: str | None = None,
+) -> None:
+    """Every finished run of ``rows`` on another test set (``test_dir/images``, ``test_dir/labels``,
+    e.g. more generated cases than the cohort's 12), for :func:`score_ablation` ``test_dir``: the
+    same bundle inference as the cohort's test, into ``<run>/test_pred_<tag>`` (default tag: the
+    folder's name). Runs whose predictions are all there are skipped."""
+    from stmt_monai.inference.bundles import default_bundles_dir
+
+    paths = AblationPaths(Path(cohort_dir).resolve(), Path(work_dir).resolve())
+    test = Path(test_dir).resolve()
+    suffix, names = f"_{tag or test.name}", [case_name(p) for p in find_cases(test / "labels")]
+    bundles = Path(bundles_dir) if bundles_dir else default_bundles_dir()
+    for seed in seeds:
+        for row in rows:
+            run = paths.run_dir(row, seed)
+            if not (run / DONE).is_file() or all((run / f"test_pred{suffix}" / f"{n}.nii.gz").is_file() for n in names):
+                continue
+            bundle = ORGAN_BUNDLE if row in ORGAN_ROWS else TUMOR_BUNDLE
+            _predict_test(bundle, run, test / "images", test / "labels", suffix, settings, bundles, run / f"test{suffix}.log")
 
 
 def run_ablation(
@@ -542,9 +580,18 @@ def learning_curve(log_dir: str | os.PathLike, tag: str = "val_mean_dice") -> li
 
 
 def score_ablation(
-    cohort_dir: str | os.PathLike, work_dir: str | os.PathLike, seeds: Sequence[int] = (0, 1, 2), rows: Sequence[str] = ROW_NAMES
+    cohort_dir: str | os.PathLike,
+    work_dir: str | os.PathLike,
+    seeds: Sequence[int] = (0, 1, 2),
+    rows: Sequence[str] = ROW_NAMES,
+    test_dir: str | os.PathLike | None = None,
+    tag: str | None = None,
 ) -> dict:
     """Score every finished run and write ``work_dir/results.json``.
+
+    With ``test_dir`` (after :func:`predict_held_out`, the same ``tag``) the runs are scored on
+    that test set instead of the cohort's, and written to ``work_dir/results_<tag>.json``; the
+    organ teacher is scored on the cohort's test set only.
 
     Returns:
         ``{"rows": {row: {seed: {"organ_dsc", "organ_nsd", ...}}}, "per_class": ..., "teacher": {seed:
@@ -553,10 +600,13 @@ def score_ablation(
         {seed: tumor_split(...)}}}``; DSC / NSD in %.
     """
     paths = AblationPaths(Path(cohort_dir).resolve(), Path(work_dir).resolve())
-    results: dict = {"rows": {}, "per_class": {}, "teacher": {}, "curves": {}, "runs": {}, "lesions": {}, "student": {}, "tumor_split": {}}
+    test_labels, suffix = paths.test_labels, ""
+    if test_dir is not None:  # another test set, predicted by predict_held_out
+        test_labels, suffix = Path(test_dir).resolve() / "labels", f"_{tag or Path(test_dir).resolve().name}"
+    results: dict = {"test_cases": len(find_cases(test_labels)), "rows": {}, "per_class": {}, "teacher": {}, "curves": {}, "runs": {}, "lesions": {}, "student": {}, "tumor_split": {}}
     for seed in seeds:
         teacher_pred = paths.teacher_dir(seed) / "test_pred"
-        if (paths.teacher_dir(seed) / f"teacher_test_{DONE}").is_file():
+        if test_dir is None and (paths.teacher_dir(seed) / f"teacher_test_{DONE}").is_file():
             summary = score_predictions(teacher_pred, paths.test_labels, ORGAN_CLASSES, organ_postprocessing=True)["summary"]
             results["teacher"][seed] = {"organ_dsc": 100 * summary["organ_dsc"], "organ_nsd": 100 * summary["organ_nsd"]}
         for row in rows:
@@ -564,7 +614,7 @@ def score_ablation(
             if not (run / DONE).is_file():
                 continue
             organ = row in ORGAN_ROWS
-            scored = score_predictions(run / "test_pred", paths.test_labels, ORGAN_CLASSES if organ else (TUMOR,), organ_postprocessing=organ)
+            scored = score_predictions(run / f"test_pred{suffix}", test_labels, ORGAN_CLASSES if organ else (TUMOR,), organ_postprocessing=organ)
             summary = scored["summary"]
             keys = ("organ_dsc", "organ_nsd") if organ else ("tumor_dsc", "tumor_nsd")
             results["rows"].setdefault(row, {})[seed] = {k: 100 * summary[k] for k in keys}
@@ -574,9 +624,9 @@ def score_ablation(
             if not organ:
                 results["lesions"].setdefault(row, {})[seed] = detection_totals(scored["lesions"])
                 results["tumor_split"].setdefault(row, {})[seed] = tumor_split(scored)
-                student = score_predictions(run / "test_pred_student", paths.test_labels, (TUMOR,), organ_postprocessing=False)
+                student = score_predictions(run / f"test_pred_student{suffix}", test_labels, (TUMOR,), organ_postprocessing=False)
                 results["student"].setdefault(row, {})[seed] = {"tumor_dsc": 100 * student["summary"]["tumor_dsc"], **detection_totals(student["lesions"])}
-    write_text_atomic(paths.work / "results.json", json.dumps(results, indent=1, default=float) + "\n")
+    write_text_atomic(paths.work / f"results{suffix}.json", json.dumps(results, indent=1, default=float) + "\n")
     return results
 
 
