@@ -264,6 +264,8 @@ class Cascade:
             tumor_in = tumor.fingerprint.normalize(x3)
             del x3
         del x2
+        if not self.outside_tumors:
+            del canonical  # the whole reoriented volume (on CUDA, on the device) is not needed by the networks
         lap("stage2_input")
         organ_net = largest_component(organ.predict(organ_in))
         lap("organ")
@@ -275,8 +277,8 @@ class Cascade:
         outside = None
         if self.outside_tumors:  # on the input's grid, never inside the box
             outside = outside_roi_tumors(tumor, image, affine, box, canonical=canonical)
+            del canonical
             lap("outside_tumors")
-        del canonical  # the whole reoriented volume is not needed any more
         organ_labels = restore_label_map(organ_net, geometry2)
         if any(r < n for r, n in zip(geometry2.roi_shape, geometry2.network_size)):
             # nearest down-sampling (a crop thinner than the network input) can split a component
