@@ -202,7 +202,7 @@ def charts(results: dict, chart_dir: Path) -> list[Path]:
 
 def main(
     work_dir: str = "runs/ablation",
-    seeds: int = 3,
+    seeds: int | list = 3,
     rows: str = ",".join(ROW_NAMES),
     cohort_dir: str | None = None,
     report_only: bool = False,
@@ -218,7 +218,7 @@ def main(
 
     Args:
         work_dir: where every run is kept (resumable).
-        seeds: seeds 0 .. seeds-1.
+        seeds: a count n (seeds 0 .. n-1), or a list of seeds (``--seeds "[1]"``).
         rows: comma-separated rows (:data:`stmt_monai.evaluation.ablation.ROW_NAMES`).
         cohort_dir: an existing cohort; default ``work_dir/cohort``, made from :data:`COHORT`.
         report_only: only score what is there and print.
@@ -237,7 +237,8 @@ def main(
     settings_obj = AblationSettings(**settings)
     work = Path(work_dir)
     cohort = Path(cohort_dir) if cohort_dir else work / "cohort"
-    seed_list = list(range(int(seeds)))
+    # a count (seeds 0 .. n-1) or the seeds themselves ("[1, 2]": fire gives a list)
+    seed_list = [int(v) for v in seeds] if isinstance(seeds, (list, tuple)) else list(range(int(seeds)))
     # fire hands "a,b" over as a tuple
     row_list = [r.strip() for r in (rows.split(",") if isinstance(rows, str) else rows) if str(r).strip()]
     start = time.perf_counter()
