@@ -36,6 +36,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablation import COHORT
 
+from stmt_monai.evaluation.lesions import lesion_detection
 from stmt_monai.inference.backends import cpu_model
 from stmt_monai.inference.bundles import default_bundles_dir
 from stmt_monai.inference.outside_roi import OUTSIDE_MIN_VOLUME_ML, outside_roi_tumors
@@ -43,9 +44,8 @@ from stmt_monai.inference.postprocessing import CONNECTIVITY
 from stmt_monai.inference.stage import StageModel
 from stmt_monai.io import case_name, find_cases, load_image, load_label
 from stmt_monai.labels import ORGAN_CLASSES, TUMOR
-from stmt_monai.preprocessing.geometry import from_canonical, to_canonical
+from stmt_monai.preprocessing.geometry import to_canonical
 from stmt_monai.preprocessing.roi import ROI_MARGIN_MM, abdomen_roi
-from stmt_monai.preprocessing.stage_input import prepare_volume
 from stmt_monai.synthetic.annotation import make_cohort
 
 
@@ -60,16 +60,16 @@ def tumor_stage(run_dir: Path, work: Path, backend: str) -> StageModel:
 
 
 def score_case(truth: np.ndarray, inside_box: np.ndarray, pred: np.ndarray | None) -> dict:
-    """Lesions mostly outside the box, how many ``pred`` touches, and its false components."""
+    """Lesions mostly outside the box, how many ``pred`` touches, and its false components
+    (:func:`~stmt_monai.evaluation.lesions.lesion_detection`'s); all three on one grid."""
     lesions, n = cc3d.connected_components(truth == TUMOR, connectivity=CONNECTIVITY, return_N=True)
     total = np.bincount(lesions.ravel(), minlength=n + 1)
     in_box = np.bincount(lesions[inside_box], minlength=n + 1)
     outside = [i for i in range(1, n + 1) if in_box[i] < 0.5 * total[i]]
     pred = np.zeros(truth.shape, bool) if pred is None else pred > 0
     hit = set(np.unique(lesions[pred]).tolist()) - {0}
-    components, m = cc3d.connected_components(pred, connectivity=CONNECTIVITY, return_N=True)
-    touching = set(np.unique(components[pred & (lesions > 0)]).tolist()) - {0}
-    return {"outside_lesions": len(outside), "recovered": sum(i in hit for i in outside), "false_components": m - len(touching)}
+    false = lesion_detection(truth == TUMOR, pred)["false_components"]
+    return {"outside_lesions": len(outside), "recovered": sum(i in hit for i in outside), "false_components": false}
 
 
 def main(
@@ -113,17 +113,16 @@ def main(
             truth, _ = load_label(cases_dir / "test" / "labels" / f"{case_name(path)}.nii.gz", image.shape, affine)
             canonical = to_canonical(image, affine, contiguous=False)
             spacing = np.sqrt((canonical[1][:3, :3] ** 2).sum(0))
-            organs = np.isin(to_canonical(truth, affine, contiguous=False)[0], ORGAN_CLASSES)
-            box = abdomen_roi(organs, spacing, ROI_MARGIN_MM)  # a perfect stage 1 and the cascade's margin
-            inside = np.zeros(organs.shape, bool)
+            truth = to_canonical(truth, affine, contiguous=False)[0]  # scored on the canonical grid, as the box is
+            box = abdomen_roi(np.isin(truth, ORGAN_CLASSES), spacing, ROI_MARGIN_MM)  # a perfect stage 1 and the cascade's margin
+            inside = np.zeros(truth.shape, bool)
             inside[tuple(slice(s, e) for s, e in zip(*box))] = True
-            inside_file = from_canonical(inside, prepare_volume(image, affine, (8, 8, 8), as_tensor=False)[2])
             for floor in floors:
                 start = time.perf_counter()
                 pred = outside_roi_tumors(model, image, affine, box, canonical=canonical, min_volume_ml=floor)
                 if floor == floors[0]:
                     seconds.append(time.perf_counter() - start)
-                per_floor[floor].append(score_case(truth, inside_file, pred))
+                per_floor[floor].append(score_case(truth, inside, None if pred is None else to_canonical(pred, affine, contiguous=False)[0]))
         rows = {}
         for floor, scores in per_floor.items():
             without = [s for s in scores if s["outside_lesions"] == 0]

@@ -9,8 +9,7 @@ from stmt_monai.inference.bundles import bundle_config, save_weights
 from stmt_monai.inference.outside_roi import outside_roi_tumors, select_outside_components
 from stmt_monai.inference.stage import StageModel
 from stmt_monai.io import load_image
-from stmt_monai.preprocessing.geometry import from_canonical, to_canonical
-from stmt_monai.preprocessing.stage_input import prepare_volume
+from stmt_monai.preprocessing.geometry import CaseGeometry, from_canonical, to_canonical
 
 
 def test_components_outside_the_box_are_kept_and_cut_at_its_wall():
@@ -66,7 +65,7 @@ def test_whole_volume_pass_fills_exactly_the_outside_of_the_box(tmp_path, case, 
     end = tuple(s // 4 + max(s // 3, 1) for s in shape)
     model = _constant_tumor_stage(tmp_path, tumor_everywhere=True)
     mask = outside_roi_tumors(model, image, affine, (start, end), canonical=canonical, min_volume_ml=0.0)
-    _, _, geometry = prepare_volume(image, affine, (8, 8, 8), as_tensor=False)
+    geometry = CaseGeometry(image.shape, affine, canonical[2], (0, 0, 0), shape, shape)  # file <-> canonical order
     assert mask.shape == image.shape and mask.dtype == np.uint8
     canonical_mask = to_canonical(mask, affine)[0]
     # never inside the box; everywhere beyond one network voxel of it (the box is rounded

@@ -63,7 +63,8 @@ def select_outside_components(
     Returns:
         ``(X, Y, Z)`` uint8 mask (1 = tumor) of the kept components' voxels outside the box.
     """
-    tumor = np.ascontiguousarray(as_numpy(tumor_net).reshape(np.shape(tumor_net)[-3:]) > 0)
+    tumor = as_numpy(tumor_net)
+    tumor = np.ascontiguousarray(tumor.reshape(tumor.shape[-3:]) > 0)
     out = np.zeros(tumor.shape, np.uint8)
     if not tumor.any():
         return out
