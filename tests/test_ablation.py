@@ -15,7 +15,7 @@ import cc3d
 import numpy as np
 import pytest
 
-from stmt_monai.bundle import format_override
+from stmt_monai.bundle import format_override, workflow_parser
 from stmt_monai.data.datalists import load_datalist
 from stmt_monai.evaluation import ablation
 from stmt_monai.evaluation.ablation import (
@@ -132,6 +132,20 @@ def test_tumor_split_separates_cases_with_tumor_from_tumor_free_ones():
     assert ablation.tumor_split(scored) == {"tumor_dsc_present": 25.0, "tumor_free_clean": 1, "tumor_free_cases": 2}
 
 
+def test_fst_x2_doubles_fst_loss_in_the_tumor_bundle_config():
+    """The nested override reaches the loss the bundle's trainer uses: FST's target, twice the weight."""
+    repo = Path(__file__).resolve().parents[1]
+    weights = {}
+    for row in ("fst", "fst_x2", "mean_teacher"):
+        parser = workflow_parser(repo / "bundles" / ablation.TUMOR_BUNDLE, "train", row_overrides(row))
+        weights[row] = dict(parser.get_parsed_content("loss").weights)
+    assert weights == {
+        "fst": {"labelled": 1.0, "cpl": 0.0},
+        "fst_x2": {"labelled": 2.0, "cpl": 0.0},
+        "mean_teacher": {"labelled": 1.0, "cpl": 1.0},
+    }
+
+
 def test_paired_difference_gives_the_t_interval_of_the_mean():
     rows = {
         "a": {0: {"m": 80.0}, 1: {"m": 82.0}, 2: {"m": 81.0}},
@@ -160,6 +174,7 @@ def test_rows_differ_only_by_their_listed_keys(tmp_path):
     assert "streams" not in steps["st_partial_unlabelled"].overrides  # the bundle's default: all three
     assert steps["fst"].overrides["lambda_cpl"] == 0.0 and "lambda_cpl" not in steps["mean_teacher"].overrides
     assert steps["mt_confident"].overrides["teacher_threshold"] == 0.9 and "teacher_threshold" not in steps["mean_teacher"].overrides
+    assert steps["fst_x2"].overrides["lambda_cpl"] == 0.0 and steps["fst_x2"].overrides["loss#weights#labelled"] == 2.0
     assert steps["st_partial"].needs == ((0, "pseudo_labels"),) and steps["fso"].needs == ()
     # one teacher for every seed: seed 2's self-training waits for seed 0's pseudo labels
     shared = {s.name: s for s in ablation.seed_steps(paths, AblationSettings(teacher_seed=0), 2)}
