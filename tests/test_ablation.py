@@ -27,6 +27,7 @@ from stmt_monai.evaluation.ablation import (
     row_overrides,
     run_ablation,
 )
+from stmt_monai.inference.bundles import default_bundles_dir
 from stmt_monai.io import case_name, load_label
 from stmt_monai.labels import TUMOR
 
@@ -134,10 +135,9 @@ def test_tumor_split_separates_cases_with_tumor_from_tumor_free_ones():
 
 def test_fst_x2_doubles_fst_loss_in_the_tumor_bundle_config():
     """The nested override reaches the loss the bundle's trainer uses: FST's target, twice the weight."""
-    repo = Path(__file__).resolve().parents[1]
     weights = {}
     for row in ("fst", "fst_x2", "mean_teacher"):
-        parser = workflow_parser(repo / "bundles" / ablation.TUMOR_BUNDLE, "train", row_overrides(row))
+        parser = workflow_parser(default_bundles_dir() / ablation.TUMOR_BUNDLE, "train", row_overrides(row))
         weights[row] = dict(parser.get_parsed_content("loss").weights)
     assert weights == {
         "fst": {"labelled": 1.0, "cpl": 0.0},
