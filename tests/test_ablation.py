@@ -95,6 +95,14 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
         assert 0.0 <= scores[key] <= 100.0
     assert set(results["rows"]) == set(ROW_NAMES)
     assert set(results["lesions"]) == set(TUMOR_ROWS) == set(results["tumor_split"])
+    # what the targets held, epoch by epoch, from the tumor bundle's own logging: every tumor row
+    # logs the annotation and the student's tumor; only rows that use the teacher log its target
+    for row in TUMOR_ROWS:
+        curves = results["targets"][row][0]
+        assert [epoch for epoch, _ in curves["annotated_tumor_pct"]] == list(range(1, TINY.tumor_epochs + 1))
+        assert all(value > 0 for _, value in curves["annotated_tumor_pct"])
+        assert ("extra_target_pct" in curves) == (row not in ("fst", "fst_x2")), row
+        assert ("teacher_tumor_pct" in curves) == (row not in ("fst", "fst_x2", "mt_oracle")), row  # the oracle replaces it
     # a second call resumes: nothing is trained again
     before = {row: (seed_dir / row / "done.json").stat().st_mtime for row in ROW_NAMES}
     run_ablation(small_cohort, work, seeds=(0,), settings=TINY)
@@ -122,6 +130,20 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
         lesions, n = cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)
         hidden += n - len(set(np.unique(lesions[annotation == TUMOR])) - {0})
     assert targets["unannotated"]["total"] == hidden
+
+
+def test_training_curves_average_each_epochs_iterations(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(tmp_path))
+    for iteration, value in enumerate([1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 5.0], start=1):
+        writer.add_scalar("extra_target_pct", value, iteration)
+    writer.add_scalar("val_mean_dice", 0.5, 2)  # an epoch-level scalar: not one of the tags
+    writer.close()
+    curves = ablation.training_curves(tmp_path, epoch_length=3)
+    assert curves == {"extra_target_pct": [(1, 2.0), (2, 20.0), (3, 5.0)]}  # the last epoch unfinished
+    with pytest.raises(ValueError, match="epoch_length"):
+        ablation.training_curves(tmp_path, epoch_length=0)
 
 
 def test_tumor_split_separates_cases_with_tumor_from_tumor_free_ones():

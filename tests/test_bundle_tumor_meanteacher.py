@@ -25,6 +25,7 @@ from stmt_monai.io import load_image, load_label, save_label_map
 from stmt_monai.labels import TUMOR
 from stmt_monai.preprocessing.transforms import WHOLE_IMAGE_ROI, LoadStageInputd, ToFlareLabelsd
 from stmt_monai.training.engines import MeanTeacherTrainer
+from stmt_monai.training.handlers import loss_terms
 from stmt_monai.training.losses import CPL, LABELLED, TUMOR_STREAM_WEIGHTS, WeightedStreamsLoss
 from stmt_monai.training.mean_teacher import correct_tumor_pseudo_label, ema_teacher, sigmoid_rampup
 
@@ -165,6 +166,18 @@ def test_extra_target_is_teacher_corrected_with_annotation():
     expected_outside = teacher_mask.expand_as(annotation)[outside]
     torch.testing.assert_close(extra[outside], expected_outside)  # elsewhere the teacher stands
     assert int(extra[0].sum()) == 27 + 64 - 8  # the union of the two cubes
+    # the logged volumes (% of the batch's voxels): the teacher's 4^3 cube, the 3^3 annotation, and
+    # what the corrected target adds beyond the annotation (the cube minus the 2^3 overlap)
+    output = recorder.output[0] if isinstance(recorder.output, list) else recorder.output
+    voxels = 8**3
+    assert output["teacher_tumor_pct"] == pytest.approx(100 * 64 / voxels)
+    assert output["annotated_tumor_pct"] == pytest.approx(100 * 27 / voxels)
+    assert output["extra_target_pct"] == pytest.approx(100 * (64 - 8) / voxels)
+    items = recorder.output if isinstance(recorder.output, list) else [recorder.output]
+    student_tumor = torch.stack([item["pred"].argmax(0) == 1 for item in items]).float().mean()
+    assert output["student_tumor_pct"] == pytest.approx(100 * float(student_tumor))
+    logged = loss_terms(recorder.output)
+    assert {"loss", "loss_labelled", "loss_cpl", "lambda_cpl", "extra_target_pct", "teacher_tumor_pct"} <= set(logged)
 
 
 def test_lambda_zero_is_plain_supervised_training():
@@ -174,6 +187,9 @@ def test_lambda_zero_is_plain_supervised_training():
 
     recorder = _one_step({LABELLED: 1.0, CPL: 0.0}, _NeverCalled(), _batch())
     assert len(recorder.targets) == 1  # L_tl only: FST
+    output = recorder.output[0] if isinstance(recorder.output, list) else recorder.output
+    assert "extra_target_pct" not in output and "teacher_tumor_pct" not in output  # no teacher, no target
+    assert output["annotated_tumor_pct"] == pytest.approx(100 * 27 / 8**3)
 
 
 def test_sigmoid_rampup():

@@ -585,6 +585,33 @@ def learning_curve(log_dir: str | os.PathLike, tag: str = "val_mean_dice") -> li
     return sorted(points.items())
 
 
+#: what the tumor trainer logs each iteration about its targets (``MeanTeacherTrainer.tumor_volumes``)
+TARGET_TAGS = ("annotated_tumor_pct", "student_tumor_pct", "teacher_tumor_pct", "extra_target_pct", "lambda_cpl")
+
+
+def training_curves(log_dir: str | os.PathLike, epoch_length: int, tags: Sequence[str] = TARGET_TAGS) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch means of scalars the trainer logs every iteration (TensorBoard step = iteration).
+
+    Args:
+        log_dir: the run's ``logs`` folder.
+        epoch_length: iterations per epoch; iteration ``i`` (from 1) belongs to epoch ``ceil(i / epoch_length)``.
+        tags: the scalars; one the run did not log is left out.
+
+    Returns:
+        ``{tag: [(epoch, mean over the epoch's iterations)]}``.
+    """
+    if epoch_length < 1:
+        raise ValueError(f"epoch_length must be >= 1, got {epoch_length}")
+    curves = {}
+    for tag in tags:
+        by_epoch: dict[int, list[float]] = {}
+        for step, value in learning_curve(log_dir, tag):
+            by_epoch.setdefault(math.ceil(step / epoch_length), []).append(value)
+        if by_epoch:
+            curves[tag] = [(epoch, float(np.mean(values))) for epoch, values in sorted(by_epoch.items())]
+    return curves
+
+
 def score_ablation(
     cohort_dir: str | os.PathLike,
     work_dir: str | os.PathLike,
@@ -603,13 +630,13 @@ def score_ablation(
         ``{"rows": {row: {seed: {"organ_dsc", "organ_nsd", ...}}}, "per_class": ..., "teacher": {seed:
         test scores}, "curves": {row: {seed: [(epoch, dice)]}}, "runs": {row: {seed: record}},
         "lesions": {row: {seed: totals}}, "student": {row: {seed: tumor scores}}, "tumor_split": {row:
-        {seed: tumor_split(...)}}}``; DSC / NSD in %.
+        {seed: tumor_split(...)}}, "targets": {row: {seed: training_curves(...)}}}``; DSC / NSD in %.
     """
     paths = AblationPaths(Path(cohort_dir).resolve(), Path(work_dir).resolve())
     test_labels, suffix = paths.test_labels, ""
     if test_dir is not None:  # another test set, predicted by predict_held_out
         test_labels, suffix = Path(test_dir).resolve() / "labels", f"_{tag or Path(test_dir).resolve().name}"
-    results: dict = {"test_cases": len(find_cases(test_labels)), "rows": {}, "per_class": {}, "teacher": {}, "curves": {}, "runs": {}, "lesions": {}, "student": {}, "tumor_split": {}}
+    results: dict = {"test_cases": len(find_cases(test_labels)), "rows": {}, "per_class": {}, "teacher": {}, "curves": {}, "runs": {}, "lesions": {}, "student": {}, "tumor_split": {}, "targets": {}}
     for seed in seeds:
         teacher_pred = paths.teacher_dir(seed) / "test_pred"
         if test_dir is None and (paths.teacher_dir(seed) / f"teacher_test_{DONE}").is_file():
@@ -628,6 +655,10 @@ def score_ablation(
             results["curves"].setdefault(row, {})[seed] = learning_curve(run / "logs")
             results["runs"].setdefault(row, {})[seed] = json.loads((run / DONE).read_text())
             if not organ:
+                iterations = learning_curve(run / "logs", "loss")
+                if iterations:  # what the targets held, epoch by epoch (bundles that log it)
+                    epoch_length = max(1, iterations[-1][0] // int(results["runs"][row][seed]["overrides"]["max_epochs"]))
+                    results["targets"].setdefault(row, {})[seed] = training_curves(run / "logs", epoch_length)
                 results["lesions"].setdefault(row, {})[seed] = detection_totals(scored["lesions"])
                 results["tumor_split"].setdefault(row, {})[seed] = tumor_split(scored)
                 student = score_predictions(run / f"test_pred_student{suffix}", test_labels, (TUMOR,), organ_postprocessing=False)

@@ -151,8 +151,12 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
             pass is skipped and the loss gets the annotation only: plain supervised training (FST),
             the paper's baseline, with the same bundle.
 
-    The iteration output also holds ``loss_labelled`` and ``loss_cpl`` (the unweighted terms) and
-    ``lambda_cpl`` (the weight used this iteration).
+    The iteration output also holds ``loss_labelled`` and ``loss_cpl`` (the unweighted terms),
+    ``lambda_cpl`` (the weight used this iteration) and what the targets and the prediction hold,
+    in % of the batch's voxels (:meth:`tumor_volumes`): ``annotated_tumor_pct``,
+    ``student_tumor_pct`` and, when the teacher is used, ``teacher_tumor_pct`` (its tumor before
+    the correction) and ``extra_target_pct`` (tumor in the corrected target beyond the
+    annotation: all that eq. (2)'s second term adds to the first).
     """
 
     def __init__(
@@ -188,7 +192,32 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
             image = image + self.teacher_noise_std * torch.randn_like(image)
         logits = self.inferer(image, Bf16Forward(self.teacher) if self.cpu_bf16 else self.teacher)
         tumor = torch.softmax(logits.float(), dim=1)[:, 1:2] > self.teacher_threshold
-        return correct_tumor_pseudo_label(tumor.to(label.dtype), label)
+        corrected = correct_tumor_pseudo_label(tumor.to(label.dtype), label)
+        self._teacher_tumor_pct = 100.0 * float(tumor.float().mean())
+        return corrected
+
+    @staticmethod
+    @torch.no_grad()
+    def tumor_volumes(label: torch.Tensor, pred: torch.Tensor, target: torch.Tensor | None = None) -> dict[str, float]:
+        """Tumor in the iteration's annotation, the student's prediction and the extra target.
+
+        Args:
+            label: ``(B, 1, ...)`` tumor annotation of the batch.
+            pred: ``(B, 2, ...)`` the student's logits.
+            target: ``(B, 1, ...)`` the corrected extra target of eq. (2), or ``None`` (FST).
+
+        Returns:
+            ``annotated_tumor_pct``, ``student_tumor_pct`` (its argmax) and, with ``target``,
+            ``extra_target_pct`` (target tumor outside the annotation), in % of the batch's voxels.
+        """
+        annotated = label > 0
+        volumes = {
+            "annotated_tumor_pct": 100.0 * float(annotated.float().mean()),
+            "student_tumor_pct": 100.0 * float((pred.argmax(dim=1, keepdim=True) == 1).float().mean()),
+        }
+        if target is not None:
+            volumes["extra_target_pct"] = 100.0 * float(((target > 0) & ~annotated).float().mean())
+        return volumes
 
     @property
     def uses_teacher(self) -> bool:
@@ -203,7 +232,7 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
     def _iteration(self, engine, batchdata):
         loss_function = engine.loss_function
         weights = getattr(loss_function, "weights", None)
-        lambda_cpl = 0.0
+        lambda_cpl, pseudo_label, self._teacher_tumor_pct = 0.0, None, None
         if not self.uses_teacher:
             engine.loss_function = lambda pred, label: loss_function(pred, {LABELLED: label})
         else:
@@ -227,6 +256,12 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
         # the unweighted terms L_tl, L_cpl of eq. (2) and this iteration's lambda, for logging
         extra = {f"loss_{name}": value for name, value in getattr(loss_function, "last_terms", {}).items()}
         extra["lambda_cpl"] = lambda_cpl
-        for item in output if isinstance(output, list) else [output]:
+        items = output if isinstance(output, list) else [output]
+        pred = torch.stack([item[CommonKeys.PRED] for item in items]) if isinstance(output, list) else output[CommonKeys.PRED]
+        label = torch.stack([item[CommonKeys.LABEL] for item in items]) if isinstance(output, list) else output[CommonKeys.LABEL]
+        extra.update(self.tumor_volumes(label, pred.detach(), pseudo_label))
+        if self._teacher_tumor_pct is not None:
+            extra["teacher_tumor_pct"] = self._teacher_tumor_pct
+        for item in items:
             item.update(extra)
         return output

@@ -304,15 +304,21 @@ def image_path_meta(batch: Sequence[Mapping]) -> list[dict]:
 
 
 def loss_terms(output: Sequence[Mapping] | Mapping) -> dict[str, float]:
-    """``StatsHandler`` / ``TensorBoardStatsHandler`` ``output_transform``: the iteration's loss and
-    its per-stream terms.
+    """``StatsHandler`` / ``TensorBoardStatsHandler`` ``output_transform``: the iteration's loss, its
+    per-stream terms and, from the mean teacher, lambda and the tumor volumes of its targets.
 
     Args:
         output: the trainer's (decollated) iteration output; :class:`stmt_monai.training.engines.SelfTrainingTrainer`
-            puts the unweighted terms there as ``loss_labelled``, ``loss_cpl``, ``loss_pl``.
+            puts the unweighted terms there as ``loss_labelled``, ``loss_cpl``, ``loss_pl``;
+            :class:`stmt_monai.training.engines.MeanTeacherTrainer` also ``lambda_cpl`` and
+            ``*_tumor_pct`` / ``extra_target_pct``.
 
     Returns:
         ``{"loss": total, "loss_<stream>": term, ...}`` as floats (each logged as its own scalar).
     """
     first = output[0] if isinstance(output, Sequence) else output
-    return {key: float(value) for key, value in first.items() if key == "loss" or key.startswith("loss_")}
+    return {
+        key: float(value)
+        for key, value in first.items()
+        if key == "loss" or key.startswith(("loss_", "lambda_")) or key.endswith("_pct")
+    }
