@@ -132,10 +132,13 @@ def markdown(results: dict, settings: AblationSettings, seeds: list[int], wall_s
     if results.get("targets"):
         out += ["", "The extra target of eq. (2) after training: each row's EMA teacher on its own training cases, united with "
                 "the annotation, against the hidden truth (what the mean teacher's second term teaches):", "",
-                "| row | seed | unannotated lesions in the target | false components per case |", "| --- | --- | ---: | ---: |"]
+                "| row | seed | unannotated lesions in the target | false components per case | teacher's tumor voxels: on the truth / all (truth, annotated) |",
+                "| --- | --- | ---: | ---: | ---: |"]
         for row in TUMOR_ROWS:
             for seed, t in sorted(results["targets"].get(row, {}).items(), key=lambda kv: str(kv[0])):
-                out.append(f"| {LABELS[row]} | {seed} | {t['unannotated']['found']} / {t['unannotated']['total']} | {t['false_components_per_case']:.2f} |")
+                v = t.get("voxels")
+                volume = f"{v['teacher_on_truth']} / {v['teacher']} ({v['truth']}, {v['annotated']})" if v else "—"
+                out.append(f"| {LABELS[row]} | {seed} | {t['unannotated']['found']} / {t['unannotated']['total']} | {t['false_components_per_case']:.2f} | {volume} |")
     names = {**{k: v[:6] for k, v in ORGANS.items()}, TUMOR: "tumor"}
     out += ["", "Per-class test DSC (%, mean over seeds):", "", "| row | " + " | ".join(names[c] for c in sorted(names)) + " |", "|---" * (len(names) + 1) + "|"]
     for row in ROW_NAMES:
@@ -212,6 +215,7 @@ def main(
     chart_dir: str | None = None,
     cohort_size: int | None = None,
     targets: bool = False,
+    targets_checkpoint: str = "mean_teacher.pt",
     held_out: int = 0,
     **settings,
 ) -> None:
@@ -230,6 +234,8 @@ def main(
             run predicts them with its bundle's inference (:func:`~stmt_monai.evaluation.ablation.predict_held_out`).
         targets: also score what each tumor row's extra target holds after training
             (:func:`~stmt_monai.evaluation.ablation.teacher_targets`; the oracle row's is the truth).
+        targets_checkpoint: the teacher those targets come from: ``mean_teacher.pt`` (the best
+            validation epoch's) or ``checkpoint_last.pt`` (the last epoch's).
         settings: any :class:`~stmt_monai.evaluation.ablation.AblationSettings` field, e.g.
             ``--organ_epochs 40 --device cuda --spatial_size 64``.
     """
@@ -262,7 +268,7 @@ def main(
         for row in (r for r in row_list if r in TUMOR_ROWS and r != "mt_oracle"):
             for seed in seed_list:
                 if (work / f"seed{seed}" / row / "done.json").is_file():
-                    results.setdefault("targets", {}).setdefault(row, {})[seed] = teacher_targets(cohort, work, seed, row, settings_obj)
+                    results.setdefault("targets", {}).setdefault(row, {})[seed] = teacher_targets(cohort, work, seed, row, settings_obj, checkpoint=targets_checkpoint)
     wall = None if report_only else time.perf_counter() - start
     text = markdown(results, settings_obj, seed_list, wall)
     text += f"\nMachine: {platform.machine()}, {cpu_model()}, torch threads per run {settings_obj.threads}\n"

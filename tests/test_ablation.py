@@ -98,7 +98,7 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
     # what the targets held, epoch by epoch, from the tumor bundle's own logging: every tumor row
     # logs the annotation and the student's tumor; only rows that use the teacher log its target
     for row in TUMOR_ROWS:
-        curves = results["targets"][row][0]
+        curves = results["target_curves"][row][0]
         assert [epoch for epoch, _ in curves["annotated_tumor_pct"]] == list(range(1, TINY.tumor_epochs + 1))
         assert all(value > 0 for _, value in curves["annotated_tumor_pct"])
         assert ("extra_target_pct" in curves) == (row not in ("fst", "fst_x2")), row
@@ -130,6 +130,12 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
         lesions, n = cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)
         hidden += n - len(set(np.unique(lesions[annotation == TUMOR])) - {0})
     assert targets["unannotated"]["total"] == hidden
+    voxels = targets["voxels"]
+    assert voxels["truth"] >= voxels["annotated"] > 0 and 0 <= voxels["teacher_on_truth"] <= min(voxels["teacher"], voxels["truth"])
+    # the last epoch's teacher (checkpoint_last.pt) through the same inference, into its own folder
+    last = ablation.teacher_targets(small_cohort, work, 0, "mean_teacher", TINY, checkpoint="checkpoint_last.pt")
+    assert "checkpoint_last.pt" in " ".join(_command((seed_dir / "mean_teacher" / "train_teacher_pred_checkpoint_last.log").read_text(), "inference"))
+    assert last["cases"] == targets["cases"] and last["voxels"]["truth"] == voxels["truth"]
 
 
 def test_training_curves_average_each_epochs_iterations(tmp_path):

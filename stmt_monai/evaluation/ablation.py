@@ -630,13 +630,13 @@ def score_ablation(
         ``{"rows": {row: {seed: {"organ_dsc", "organ_nsd", ...}}}, "per_class": ..., "teacher": {seed:
         test scores}, "curves": {row: {seed: [(epoch, dice)]}}, "runs": {row: {seed: record}},
         "lesions": {row: {seed: totals}}, "student": {row: {seed: tumor scores}}, "tumor_split": {row:
-        {seed: tumor_split(...)}}, "targets": {row: {seed: training_curves(...)}}}``; DSC / NSD in %.
+        {seed: tumor_split(...)}}, "target_curves": {row: {seed: training_curves(...)}}}``; DSC / NSD in %.
     """
     paths = AblationPaths(Path(cohort_dir).resolve(), Path(work_dir).resolve())
     test_labels, suffix = paths.test_labels, ""
     if test_dir is not None:  # another test set, predicted by predict_held_out
         test_labels, suffix = Path(test_dir).resolve() / "labels", f"_{tag or Path(test_dir).resolve().name}"
-    results: dict = {"test_cases": len(find_cases(test_labels)), "rows": {}, "per_class": {}, "teacher": {}, "curves": {}, "runs": {}, "lesions": {}, "student": {}, "tumor_split": {}, "targets": {}}
+    results: dict = {"test_cases": len(find_cases(test_labels)), "rows": {}, "per_class": {}, "teacher": {}, "curves": {}, "runs": {}, "lesions": {}, "student": {}, "tumor_split": {}, "target_curves": {}}
     for seed in seeds:
         teacher_pred = paths.teacher_dir(seed) / "test_pred"
         if test_dir is None and (paths.teacher_dir(seed) / f"teacher_test_{DONE}").is_file():
@@ -658,7 +658,7 @@ def score_ablation(
                 iterations = learning_curve(run / "logs", "loss")
                 if iterations:  # what the targets held, epoch by epoch (bundles that log it)
                     epoch_length = max(1, iterations[-1][0] // int(results["runs"][row][seed]["overrides"]["max_epochs"]))
-                    results["targets"].setdefault(row, {})[seed] = training_curves(run / "logs", epoch_length)
+                    results["target_curves"].setdefault(row, {})[seed] = training_curves(run / "logs", epoch_length)
                 results["lesions"].setdefault(row, {})[seed] = detection_totals(scored["lesions"])
                 results["tumor_split"].setdefault(row, {})[seed] = tumor_split(scored)
                 student = score_predictions(run / f"test_pred_student{suffix}", test_labels, (TUMOR,), organ_postprocessing=False)
@@ -674,20 +674,29 @@ def teacher_targets(
     row: str,
     settings: AblationSettings,
     bundles_dir: str | os.PathLike | None = None,
+    checkpoint: str = "mean_teacher.pt",
 ) -> dict:
     """What a tumor row's extra target of eq. (2) holds after training (the mean teacher's "why").
 
-    The row's EMA teacher (``models/mean_teacher.pt``, the best validation epoch's) segments the
-    row's own training cases by the bundle's ``inference`` workflow (the same region of interest as
-    in training); its tumor, united with the annotation as the real-time correction does
-    (:func:`~stmt_monai.training.mean_teacher.correct_tumor_pseudo_label`), is scored against the
-    cohort's hidden truth lesion by lesion (:func:`~stmt_monai.evaluation.lesions.lesion_detection`):
-    the unannotated lesions it adds (what the target should teach), and its false components (what it
-    teaches wrongly). The teacher's tumor is its argmax (``teacher_threshold`` 0.5).
+    The row's EMA teacher segments the row's own training cases by the bundle's ``inference``
+    workflow (the same region of interest as in training); its tumor, united with the annotation
+    as the real-time correction does (:func:`~stmt_monai.training.mean_teacher.correct_tumor_pseudo_label`),
+    is scored against the cohort's hidden truth lesion by lesion
+    (:func:`~stmt_monai.evaluation.lesions.lesion_detection`): the unannotated lesions it adds (what
+    the target should teach), and its false components (what it teaches wrongly). The teacher's
+    tumor is its argmax (``teacher_threshold`` 0.5).
+
+    Args:
+        checkpoint: the teacher's file in ``<run>/models``: ``mean_teacher.pt`` (the best validation
+            epoch's) or ``checkpoint_last.pt`` (the last epoch's; where validation Dice never rose
+            above its first value, the best is the first validation's, an untrained teacher).
 
     Returns:
         :func:`~stmt_monai.evaluation.lesions.detection_totals` of the corrected targets (with
-        ``"unannotated"``), plus ``"cases"``; predictions are kept in ``<run>/train_teacher_pred``.
+        ``"unannotated"``), plus ``"cases"`` and ``"voxels"``: the tumor voxels of the teacher's own
+        prediction (``"teacher"``), of it on the hidden truth (``"teacher_on_truth"``), of the truth and
+        of the annotation, summed over the cases. Predictions are kept in
+        ``<run>/train_teacher_pred`` (``train_teacher_pred_<checkpoint stem>`` for another checkpoint).
     """
     from stmt_monai.data.datalists import load_datalist
     from stmt_monai.evaluation.lesions import lesion_detection
@@ -699,7 +708,7 @@ def teacher_targets(
         raise FileNotFoundError(f"{run}: the row {row!r} of seed {seed} has not finished")
     items = load_datalist(paths.prepared / "datalist_tumor.json")
     jobs = _write_datalist(paths.lists / "tumor_train_jobs.json", [{"image": i["image"], "name": case_name(i["image"])} for i in items])
-    out = run / "train_teacher_pred"
+    out = run / ("train_teacher_pred" if checkpoint == "mean_teacher.pt" else f"train_teacher_pred_{Path(checkpoint).stem}")
     if not all((out / f"{case_name(i['image'])}.nii.gz").is_file() for i in items):
         bundles = Path(bundles_dir) if bundles_dir else default_bundles_dir()
         overrides = {
@@ -707,13 +716,13 @@ def teacher_targets(
             "input_dir": str(jobs),
             "roi_dir": str(paths.cohort / "truth"),
             "output_dir": str(out),
-            "model_path": str(run / "models" / "mean_teacher.pt"),
+            "model_path": str(run / "models" / checkpoint),
             "fingerprint": str(run / "models" / "fingerprint.json"),
             "inference_network": "teacher",
             "num_workers": 0,
         }
-        run_workflow(bundles / TUMOR_BUNDLE, "inference", overrides, log_file=run / "train_teacher_pred.log", threads=settings.threads)
-    cases = {}
+        run_workflow(bundles / TUMOR_BUNDLE, "inference", overrides, log_file=out.with_suffix(".log"), threads=settings.threads)
+    cases, voxels = {}, dict.fromkeys(("teacher", "teacher_on_truth", "truth", "annotated"), 0)
     for item in items:
         name = case_name(item["image"])
         truth, affine = load_label(paths.cohort / "truth" / f"{name}.nii.gz")
@@ -721,7 +730,9 @@ def teacher_targets(
         pred, _ = load_label(out / f"{name}.nii.gz", truth.shape)
         target = (pred == TUMOR) | (annotation == TUMOR)  # the real-time correction: the union
         cases[name] = lesion_detection(truth == TUMOR, target, affine, annotation=annotation == TUMOR)
-    return detection_totals(cases)
+        for key, mask in (("teacher", pred == TUMOR), ("teacher_on_truth", (pred == TUMOR) & (truth == TUMOR)), ("truth", truth == TUMOR), ("annotated", annotation == TUMOR)):
+            voxels[key] += int(np.count_nonzero(mask))
+    return {**detection_totals(cases), "voxels": voxels}
 
 
 # ----------------------------------------------------------------------------- statistics
