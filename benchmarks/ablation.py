@@ -158,8 +158,9 @@ def markdown(results: dict, settings: AblationSettings, seeds: list[int], wall_s
     return "\n".join(out) + "\n"
 
 
-def charts(results: dict, chart_dir: Path) -> list[Path]:
-    """The table as a bar chart with the seeds as points, and the validation learning curves."""
+def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Path]:
+    """The table as a bar chart with the seeds as points, the validation learning curves and, where
+    the tumor runs logged them, what their targets held epoch by epoch (``<prefix>_*.png``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +182,7 @@ def charts(results: dict, chart_dir: Path) -> list[Path]:
         ax.set_title(title + "; dots: seeds, red: paper")
         ax.set_ylim(0, 100)
     fig.tight_layout()
-    path = chart_dir / "ablation_table.png"
+    path = chart_dir / f"{prefix}_table.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
@@ -197,10 +198,31 @@ def charts(results: dict, chart_dir: Path) -> list[Path]:
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = chart_dir / "ablation_curves.png"
+    path = chart_dir / f"{prefix}_curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     written.append(path)
+    target_curves = results.get("target_curves") or {}
+    if target_curves:
+        panels = (("student_tumor_pct", "the student's tumor (argmax, % of voxels)"), ("extra_target_pct", "extra target beyond the annotation (% of voxels)"))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        for ax, (tag, title) in zip(axes, panels):
+            for k, row in enumerate(r for r in TUMOR_ROWS if r in target_curves):
+                for j, (seed, curves) in enumerate(sorted(target_curves[row].items(), key=lambda kv: str(kv[0]))):
+                    if tag in curves:
+                        epochs, values = zip(*curves[tag])
+                        ax.plot(epochs, values, color=f"C{k}", linestyle=("-", "--", ":", "-.")[j % 4], label=f"{row}, seed {seed}")
+            annotated = [c["annotated_tumor_pct"] for runs in target_curves.values() for c in runs.values() if "annotated_tumor_pct" in c]
+            if annotated:
+                ax.axhline(np.mean([v for _, v in annotated[0]]), color="k", linewidth=0.8, label="annotated tumor")
+            ax.set_xlabel("epoch")
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = chart_dir / f"{prefix}_targets.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
     return written
 
 
@@ -213,6 +235,7 @@ def main(
     output: str | None = None,
     json_output: str | None = None,
     chart_dir: str | None = None,
+    chart_prefix: str = "ablation",
     cohort_size: int | None = None,
     targets: bool = False,
     targets_checkpoint: str = "mean_teacher.pt",
@@ -228,6 +251,7 @@ def main(
         cohort_dir: an existing cohort; default ``work_dir/cohort``, made from :data:`COHORT`.
         report_only: only score what is there and print.
         output, json_output, chart_dir: also write the markdown, the JSON figures, the PNG charts.
+        chart_prefix: the charts' file names, ``<chart_prefix>_table.png`` etc.
         cohort_size: voxels across the generated cohort's larger in-plane axis (default 96).
         held_out: score on this many extra generated test cases (the cohort's settings, another
             seed; made once in ``work_dir/held_out<N>``) instead of the cohort's 12: every finished
@@ -278,7 +302,7 @@ def main(
     if json_output:
         Path(json_output).write_text(json.dumps(ablation_json(results), indent=1) + "\n")
     if chart_dir:
-        for path in charts(results, Path(chart_dir)):
+        for path in charts(results, Path(chart_dir), chart_prefix):
             print("chart:", path)
 
 
