@@ -2,6 +2,7 @@
 a training run killed at any moment (mid-epoch, while writing a checkpoint...) resumes losing at
 most one epoch, and an unreadable last checkpoint falls back to the previous one."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -42,6 +43,23 @@ def test_best_checkpoint_uses_key_metric_and_resumes_its_best(tmp_path):
     assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], saved["weight"])
     restarted(_validator(0.9))
     assert restarted.best == 0.9 and not torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], saved["weight"])
+
+
+def test_best_checkpoint_warns_while_the_metric_stays_at_zero(tmp_path, caplog):
+    network = torch.nn.Linear(2, 1)
+    best = BestCheckpoint(tmp_path / "model.pt", {"model": network})
+    with caplog.at_level(logging.WARNING, logger="stmt_monai.training.handlers"):
+        best(_validator(0.0))  # the first validation: saved, nothing to warn about yet
+        assert (tmp_path / "model.pt").is_file() and not caplog.records
+        first = torch.load(tmp_path / "model.pt", weights_only=True)["weight"].clone()
+        with torch.no_grad():
+            network.weight.add_(1.0)  # training moves on
+        best(_validator(0.0))
+        assert torch.equal(torch.load(tmp_path / "model.pt", weights_only=True)["weight"], first)  # still the first
+        assert len(caplog.records) == 1 and "still 0.0000" in caplog.text and str(tmp_path / "model.pt") in caplog.text
+        best(_validator(0.3))  # it learned: saved, and no more warnings
+        best(_validator(0.2))
+    assert len(caplog.records) == 1 and best.best == 0.3
 
 
 def test_image_path_meta_names_cases_for_metrics_saver():

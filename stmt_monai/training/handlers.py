@@ -225,7 +225,10 @@ class BestCheckpoint:
             "base_channels": "@base_channels", ...}`` in a bundle config.
 
     A NaN metric (no validation case holds the target: the tumor bundle's validation over cases
-    without a tumor) selects nothing: it is logged as such and the latest weights are saved.
+    without a tumor) selects nothing: it is logged as such and the latest weights are saved. A
+    metric that stays at 0 keeps the first validation's weights, with a warning at every later
+    validation (a tumor student can train for many epochs at Dice 0, and ``model.pt`` is then an
+    early network, not the last one).
 
     Its ``state_dict`` holds the best value, so it can be resumed with the rest of the training.
     """
@@ -259,6 +262,11 @@ class BestCheckpoint:
         elif value > self.best:
             self.best = value
         else:
+            if self.best <= 0.0 and is_main_process():
+                logger.warning(
+                    f"{name} is still {value:.4f}, as at the first validation: {self.save_path} holds that epoch's weights "
+                    "(the model has not yet segmented the target in any validation case; see the training log's target volumes)"
+                )
             return
         if self.record is not None and is_main_process():
             write_record(self.save_path, self.record)
