@@ -168,6 +168,14 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
 
     chart_dir.mkdir(parents=True, exist_ok=True)
     written = []
+
+    def save(fig, name: str) -> Path:
+        fig.tight_layout()
+        path = chart_dir / f"{prefix}_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [len(ORGAN_ROWS), len(TUMOR_ROWS)]})
     for ax, rows, metric, title in ((axes[0], ORGAN_ROWS, "organ_dsc", "organ DSC (%)"), (axes[1], TUMOR_ROWS, "tumor_dsc", "tumor DSC (%)")):
         present = [r for r in rows if r in results["rows"]]
@@ -181,11 +189,7 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
         ax.set_xticks(range(len(present)), [r.replace("_", "\n") for r in present], fontsize=8)
         ax.set_title(title + "; dots: seeds, red: paper")
         ax.set_ylim(0, 100)
-    fig.tight_layout()
-    path = chart_dir / f"{prefix}_table.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, "table"))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, rows, title in ((axes[0], ORGAN_ROWS, "organ students"), (axes[1], TUMOR_ROWS, "tumor students")):
         for k, row in enumerate(r for r in rows if r in results["curves"]):
@@ -197,14 +201,11 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
         ax.set_ylabel("validation mean Dice (network resolution)")
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = chart_dir / f"{prefix}_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save(fig, "curves"))
     target_curves = results.get("target_curves") or {}
     if target_curves:
         panels = (("student_tumor_pct", "the student's tumor (argmax, % of voxels)"), ("extra_target_pct", "extra target beyond the annotation (% of voxels)"))
+        annotated = next((c["annotated_tumor_pct"] for runs in target_curves.values() for c in runs.values() if "annotated_tumor_pct" in c), None)
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
         for ax, (tag, title) in zip(axes, panels):
             for k, row in enumerate(r for r in TUMOR_ROWS if r in target_curves):
@@ -212,17 +213,12 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
                     if tag in curves:
                         epochs, values = zip(*curves[tag])
                         ax.plot(epochs, values, color=f"C{k}", linestyle=("-", "--", ":", "-.")[j % 4], label=f"{row}, seed {seed}")
-            annotated = [c["annotated_tumor_pct"] for runs in target_curves.values() for c in runs.values() if "annotated_tumor_pct" in c]
             if annotated:
-                ax.axhline(np.mean([v for _, v in annotated[0]]), color="k", linewidth=0.8, label="annotated tumor")
+                ax.axhline(np.mean([v for _, v in annotated]), color="k", linewidth=0.8, label="annotated tumor")
             ax.set_xlabel("epoch")
             ax.set_title(title)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = chart_dir / f"{prefix}_targets.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, "targets"))
     return written
 
 

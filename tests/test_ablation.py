@@ -123,14 +123,18 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
     tumor_cases = load_datalist(work / "prepared" / "datalist_tumor.json")
     assert targets["cases"] == len(tumor_cases) > 0
     assert targets["annotated"]["found"] == targets["annotated"]["total"] > 0  # the union holds every annotated lesion
-    hidden = 0
+    hidden, truth_voxels, annotated_voxels, teacher_voxels = 0, 0, 0, 0
     for item in tumor_cases:
-        truth, _ = load_label(Path(small_cohort) / "truth" / f"{case_name(item['image'])}.nii.gz")
+        name = case_name(item["image"])
+        truth, _ = load_label(Path(small_cohort) / "truth" / f"{name}.nii.gz")
         annotation, _ = load_label(item["label"], truth.shape)
         lesions, n = cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)
         hidden += n - len(set(np.unique(lesions[annotation == TUMOR])) - {0})
+        truth_voxels, annotated_voxels = truth_voxels + int((truth == TUMOR).sum()), annotated_voxels + int((annotation == TUMOR).sum())
+        teacher_voxels += int((load_label(seed_dir / "mean_teacher" / "train_teacher_pred" / f"{name}.nii.gz", truth.shape)[0] == TUMOR).sum())
     assert targets["unannotated"]["total"] == hidden
     voxels = targets["voxels"]
+    assert (voxels["truth"], voxels["annotated"], voxels["teacher"]) == (truth_voxels, annotated_voxels, teacher_voxels)
     assert voxels["truth"] >= voxels["annotated"] > 0 and 0 <= voxels["teacher_on_truth"] <= min(voxels["teacher"], voxels["truth"])
     # the last epoch's teacher (checkpoint_last.pt) through the same inference, into its own folder
     last = ablation.teacher_targets(small_cohort, work, 0, "mean_teacher", TINY, checkpoint="checkpoint_last.pt")

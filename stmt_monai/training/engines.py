@@ -257,8 +257,8 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
         extra = {f"loss_{name}": value for name, value in getattr(loss_function, "last_terms", {}).items()}
         extra["lambda_cpl"] = lambda_cpl
         items = output if isinstance(output, list) else [output]
-        pred = torch.stack([item[CommonKeys.PRED] for item in items]) if isinstance(output, list) else output[CommonKeys.PRED]
-        label = torch.stack([item[CommonKeys.LABEL] for item in items]) if isinstance(output, list) else output[CommonKeys.LABEL]
+        # the batch's prediction and label (a decollated output: its items stacked again)
+        pred, label = (torch.stack([item[key] for item in output]) if isinstance(output, list) else output[key] for key in (CommonKeys.PRED, CommonKeys.LABEL))
         extra.update(self.tumor_volumes(label, pred.detach(), pseudo_label))
         if self._teacher_tumor_pct is not None:
             extra["teacher_tumor_pct"] = self._teacher_tumor_pct
