@@ -75,6 +75,7 @@ LABELS = {
     "mt_oracle": "Mean teacher, oracle target (upper bound)",
     "mt_paper": "Mean teacher, the paper's constant lambda, plain EMA",
     "mt_confident": "Mean teacher, only the teacher's confident tumor (p > 0.9)",
+    "mt_soft": "Mean teacher, soft target (MSE to the teacher's probabilities)",
     "fst_x2": "FST, loss doubled (the mean teacher's step size)",
 }
 

@@ -30,6 +30,7 @@ from stmt_monai.evaluation.ablation import (
 from stmt_monai.inference.bundles import default_bundles_dir
 from stmt_monai.io import case_name, load_label
 from stmt_monai.labels import TUMOR
+from stmt_monai.training.losses import SoftTargetMSELoss
 
 TINY = AblationSettings(
     spatial_size=(16, 16, 16),
@@ -178,6 +179,18 @@ def test_fst_x2_doubles_fst_loss_in_the_tumor_bundle_config():
     }
 
 
+def test_mt_soft_gives_the_teacher_term_the_soft_target_loss_in_the_tumor_bundle_config():
+    """The mean teacher's weights, its teacher term the squared difference of probabilities."""
+    losses = {}
+    for row in ("mean_teacher", "mt_soft"):
+        parser = workflow_parser(default_bundles_dir() / ablation.TUMOR_BUNDLE, "train", row_overrides(row))
+        losses[row] = parser.get_parsed_content("loss")
+        assert parser.get_parsed_content("train#trainer#teacher_target") == ("soft" if row == "mt_soft" else "hard")
+    assert dict(losses["mt_soft"].weights) == dict(losses["mean_teacher"].weights) == {"labelled": 1.0, "cpl": 1.0}
+    assert isinstance(losses["mt_soft"].loss_of("cpl"), SoftTargetMSELoss)
+    assert not isinstance(losses["mean_teacher"].loss_of("cpl"), SoftTargetMSELoss)
+
+
 def test_paired_difference_gives_the_t_interval_of_the_mean():
     rows = {
         "a": {0: {"m": 80.0}, 1: {"m": 82.0}, 2: {"m": 81.0}},
@@ -207,6 +220,7 @@ def test_rows_differ_only_by_their_listed_keys(tmp_path):
     assert steps["fst"].overrides["lambda_cpl"] == 0.0 and "lambda_cpl" not in steps["mean_teacher"].overrides
     assert steps["mt_confident"].overrides["teacher_threshold"] == 0.9 and "teacher_threshold" not in steps["mean_teacher"].overrides
     assert steps["fst_x2"].overrides["lambda_cpl"] == 0.0 and steps["fst_x2"].overrides["loss#weights#labelled"] == 2.0
+    assert steps["mt_soft"].overrides["teacher_target"] == "soft" and "teacher_target" not in steps["mean_teacher"].overrides
     assert steps["st_partial"].needs == ((0, "pseudo_labels"),) and steps["fso"].needs == ()
     # one teacher for every seed: seed 2's self-training waits for seed 0's pseudo labels
     shared = {s.name: s for s in ablation.seed_steps(paths, AblationSettings(teacher_seed=0), 2)}

@@ -169,6 +169,9 @@ def test_training_defaults_are_the_papers(name, tmp_path):
         # EMA are `--lambda_rampup_epochs 0 --ema_warmup_iters 0`
         assert (p.get_parsed_content("lambda_rampup_epochs"), p.get_parsed_content("ema_warmup_iters")) == (10, 100)
         assert p.get_parsed_content("lambda_cpl") == 1.0
+        # the paper's extra target: the teacher's label map under Dice + CE (no soft-target loss)
+        assert p.get_parsed_content("teacher_target") == "hard" and p["train#trainer#teacher_target"] == "@teacher_target"
+        assert len(p.get_parsed_content("loss").stream_losses) == 0
 
 
 @pytest.mark.parametrize("name", list(PAPER))

@@ -26,7 +26,7 @@ from stmt_monai.labels import TUMOR
 from stmt_monai.preprocessing.transforms import WHOLE_IMAGE_ROI, LoadStageInputd, ToFlareLabelsd
 from stmt_monai.training.engines import MeanTeacherTrainer
 from stmt_monai.training.handlers import loss_terms
-from stmt_monai.training.losses import CPL, LABELLED, TUMOR_STREAM_WEIGHTS, WeightedStreamsLoss
+from stmt_monai.training.losses import CPL, LABELLED, TUMOR_STREAM_WEIGHTS, SoftTargetMSELoss, WeightedStreamsLoss, consistency_losses
 from stmt_monai.training.mean_teacher import correct_tumor_pseudo_label, ema_teacher, sigmoid_rampup
 
 NAME = "tumor_meanteacher"
@@ -135,16 +135,25 @@ class _RecordingLoss(torch.nn.Module):
         return logits.float().pow(2).mean()
 
 
-def _one_step(weights: dict, teacher: torch.nn.Module, batch: dict, **trainer_args) -> _RecordingLoss:
+class _RecordingSoftLoss(_RecordingLoss):
+    """A recording loss whose target is a probability map (as ``SoftTargetMSELoss``'s)."""
+
+    soft_target = True
+
+
+def _one_step(weights: dict, teacher: torch.nn.Module, batch: dict, stream_losses=None, **trainer_args) -> _RecordingLoss:
     student = torch.nn.Conv3d(1, 2, 1)
     recorder = _RecordingLoss()
+    if stream_losses is not None:  # record the streams with their own loss into the same list
+        for loss in stream_losses.values():
+            loss.targets = recorder.targets
     trainer = MeanTeacherTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
         train_data_loader=[batch],
         network=student,
         optimizer=torch.optim.SGD(student.parameters(), lr=0.1),
-        loss_function=WeightedStreamsLoss(weights, base_loss=recorder),
+        loss_function=WeightedStreamsLoss(weights, base_loss=recorder, stream_losses=stream_losses),
         teacher=teacher,
         **trainer_args,
     )
@@ -178,6 +187,59 @@ def test_extra_target_is_teacher_corrected_with_annotation():
     assert output["student_tumor_pct"] == pytest.approx(100 * float(student_tumor))
     logged = loss_terms(recorder.output)
     assert {"loss", "loss_labelled", "loss_cpl", "lambda_cpl", "extra_target_pct", "teacher_tumor_pct"} <= set(logged)
+
+
+class _ProbabilityTeacher(torch.nn.Module):
+    """Tumor probability ``sigmoid(z)`` at every voxel for a fixed map ``z`` (logits 0 and z)."""
+
+    def __init__(self, z: torch.Tensor):
+        super().__init__()
+        self.register_buffer("z", z)
+
+    def forward(self, x):
+        z = self.z.expand(x.shape[0], 1, *x.shape[2:])
+        return torch.cat([torch.zeros_like(z), z], dim=1)
+
+
+def test_soft_target_is_the_teachers_probability_corrected_with_annotation():
+    batch = _batch()
+    annotation = batch["label"]
+    z = torch.linspace(-4, 4, 8**3).reshape(1, 1, 8, 8, 8)
+    recorder = _one_step(dict(TUMOR_STREAM_WEIGHTS), _ProbabilityTeacher(z), batch, {CPL: _RecordingSoftLoss()}, teacher_target="soft")
+    labelled, extra = recorder.targets
+    torch.testing.assert_close(labelled, annotation)
+    assert extra.dtype == torch.float32
+    assert bool((extra[annotation > 0] == 1).all())  # annotated voxels: certain tumor
+    probability = torch.sigmoid(z).expand_as(annotation)
+    outside = annotation == 0
+    torch.testing.assert_close(extra[outside], probability[outside])  # elsewhere the teacher's probability
+    output = recorder.output[0] if isinstance(recorder.output, list) else recorder.output
+    # the soft extra target's volume is its expected tumor outside the annotation
+    assert output["extra_target_pct"] == pytest.approx(100 * float(probability[outside].sum()) / annotation.numel(), rel=1e-5)
+    assert output["teacher_tumor_pct"] == pytest.approx(100 * float((probability > 0.5).float().mean()))
+
+
+def test_teacher_target_must_match_the_loss():
+    student = torch.nn.Conv3d(1, 2, 1)
+    common = {
+        "device": torch.device("cpu"),
+        "max_epochs": 1,
+        "train_data_loader": [_batch()],
+        "network": student,
+        "optimizer": torch.optim.SGD(student.parameters(), lr=0.1),
+        "teacher": copy.deepcopy(student),
+    }
+    hard_loss = WeightedStreamsLoss(TUMOR_STREAM_WEIGHTS)
+    soft_loss = WeightedStreamsLoss(TUMOR_STREAM_WEIGHTS, stream_losses=consistency_losses("soft"))
+    assert isinstance(soft_loss.loss_of(CPL), SoftTargetMSELoss)
+    MeanTeacherTrainer(loss_function=soft_loss, teacher_target="soft", **common)
+    MeanTeacherTrainer(loss_function=hard_loss, **common)
+    with pytest.raises(ValueError, match="consistency_losses"):
+        MeanTeacherTrainer(loss_function=hard_loss, teacher_target="soft", **common)  # Dice + CE on probabilities
+    with pytest.raises(ValueError, match="consistency_losses"):
+        MeanTeacherTrainer(loss_function=soft_loss, **common)  # MSE to a label map
+    with pytest.raises(ValueError, match="teacher_target"):
+        MeanTeacherTrainer(loss_function=hard_loss, teacher_target="union", **common)
 
 
 def test_lambda_zero_is_plain_supervised_training():

@@ -12,7 +12,9 @@ from stmt_monai.training.losses import (
     ORGAN_STREAM_WEIGHTS,
     PL,
     TUMOR_STREAM_WEIGHTS,
+    SoftTargetMSELoss,
     WeightedStreamsLoss,
+    consistency_losses,
     dice_ce_loss,
     weighted_sum,
 )
@@ -136,3 +138,40 @@ def test_bad_stream_labels(batch):
         loss(logits, {PL: target})
     with pytest.raises(ValueError):
         WeightedStreamsLoss({})
+
+
+def test_soft_target_mse_is_the_squared_difference_of_probabilities():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 2, 4, 4, 4, generator=g, requires_grad=True)
+    p = torch.rand(2, 1, 4, 4, 4, generator=g)  # the teacher's tumor probability
+    probs = torch.softmax(logits, dim=1)
+    expected = ((probs[:, :1] - (1 - p)) ** 2 + (probs[:, 1:] - p) ** 2).sum() / probs.numel()
+    loss = SoftTargetMSELoss()(logits, p)
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    # a full (B, C) probability target gives the same; the student's own probabilities give 0
+    assert float(SoftTargetMSELoss()(logits, torch.cat([1 - p, p], dim=1))) == pytest.approx(float(expected), rel=1e-6)
+    assert float(SoftTargetMSELoss()(logits, probs[:, 1:].detach())) == pytest.approx(0.0, abs=1e-12)
+    loss.backward()  # the gradient moves the student's tumor probability toward the target's
+    assert bool(((logits.grad[:, 1:] > 0) == (probs[:, 1:] > p)).all())
+    with pytest.raises(ValueError, match="target of shape"):
+        SoftTargetMSELoss()(torch.randn(1, 3, 4, 4, 4), torch.rand(1, 1, 4, 4, 4))
+
+
+def test_stream_losses_replace_the_base_loss_of_their_stream_only():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 2, 6, 6, 6, generator=g)
+    label = (torch.rand(2, 1, 6, 6, 6, generator=g) > 0.8).float()
+    p = torch.rand(2, 1, 6, 6, 6, generator=g)
+    loss = WeightedStreamsLoss(TUMOR_STREAM_WEIGHTS, stream_losses=consistency_losses("soft"))
+    assert isinstance(loss.loss_of(CPL), SoftTargetMSELoss) and loss.loss_of(LABELLED) is loss.base_loss
+    total, terms = loss(logits, {LABELLED: label, CPL: p}, return_terms=True)
+    assert float(terms[LABELLED]) == pytest.approx(float(dice_ce_loss()(logits, label)), rel=1e-6)
+    assert float(terms[CPL]) == pytest.approx(float(SoftTargetMSELoss()(logits, p)), rel=1e-6)
+    assert float(total) == pytest.approx(float(terms[LABELLED] + terms[CPL]), rel=1e-6)
+    # the paper's target: no stream loss of its own, Dice + CE everywhere
+    assert consistency_losses("hard") == {} and consistency_losses() == {}
+    assert WeightedStreamsLoss(TUMOR_STREAM_WEIGHTS, stream_losses=consistency_losses("hard")).loss_of(CPL) is not None
+    with pytest.raises(ValueError, match="teacher_target"):
+        consistency_losses("mse")
+    with pytest.raises(ValueError, match="unknown streams"):
+        WeightedStreamsLoss(TUMOR_STREAM_WEIGHTS, stream_losses={PL: SoftTargetMSELoss()})

@@ -25,7 +25,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.utils import CommonKeys
 
-from stmt_monai.training.losses import CPL, LABELLED
+from stmt_monai.training.losses import CPL, LABELLED, TEACHER_TARGETS
 from stmt_monai.training.mean_teacher import correct_tumor_pseudo_label, sigmoid_rampup
 
 
@@ -144,6 +144,12 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
             argmax, the paper); a higher value keeps only its confident tumor in the extra target.
         teacher_noise_std: sd of Gaussian noise added to the teacher's input (0: the student's view,
             the paper; the original mean teacher perturbs the two views differently).
+        teacher_target: ``"hard"`` (the paper): the extra target is the teacher's tumor (probability
+            above ``teacher_threshold``) corrected with the annotation, a label map; ``"soft"``: the
+            teacher's tumor probability corrected the same way (1 where annotated, the teacher's
+            probability elsewhere), for a loss whose ``cpl`` term takes probabilities
+            (:class:`stmt_monai.training.losses.SoftTargetMSELoss`, the original mean teacher's
+            consistency; ``teacher_threshold`` then only counts ``teacher_tumor_pct``).
         *args, **kwargs: as ``monai.engines.SupervisedTrainer``; ``loss_function`` is a
             :class:`stmt_monai.training.losses.WeightedStreamsLoss` with weights for ``"labelled"`` and
             ``"cpl"`` (``TUMOR_STREAM_WEIGHTS``), called as ``loss(pred, {"labelled": label,
@@ -168,12 +174,24 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
         cpu_bf16: bool = False,
         teacher_threshold: float = 0.5,
         teacher_noise_std: float = 0.0,
+        teacher_target: str = "hard",
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self._init_bf16(cpu_bf16)
         if not 0.0 <= float(teacher_threshold) < 1.0:
             raise ValueError(f"teacher_threshold must be in [0, 1), got {teacher_threshold}")
+        if teacher_target not in TEACHER_TARGETS:
+            raise ValueError(f"teacher_target must be one of {TEACHER_TARGETS}, got {teacher_target!r}")
+        loss_of = getattr(self.loss_function, "loss_of", None)
+        soft_loss = bool(getattr(loss_of(CPL), "soft_target", False)) if loss_of is not None else False
+        if soft_loss != (teacher_target == "soft"):
+            raise ValueError(
+                f"teacher_target={teacher_target!r} but the loss's {CPL!r} term takes "
+                f"{'probabilities' if soft_loss else 'a label map'}: build the loss with "
+                f"stream_losses=stmt_monai.training.losses.consistency_losses({teacher_target!r})"
+            )
+        self.teacher_target = teacher_target
         self.teacher_threshold, self.teacher_noise_std = float(teacher_threshold), float(teacher_noise_std)
         self.teacher = teacher
         self.lambda_rampup_epochs = float(lambda_rampup_epochs)
@@ -185,16 +203,19 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
 
         The teacher sees ``image`` plus Gaussian noise of sd ``teacher_noise_std`` (0: the
         student's own view); its tumor is where its softmax tumor probability exceeds
-        ``teacher_threshold`` (0.5: the argmax of two classes).
+        ``teacher_threshold`` (0.5: the argmax of two classes), or with ``teacher_target="soft"``
+        that probability itself (float, 1 where annotated).
         """
         self.teacher.eval()
         if self.teacher_noise_std > 0:
             image = image + self.teacher_noise_std * torch.randn_like(image)
         logits = self.inferer(image, Bf16Forward(self.teacher) if self.cpu_bf16 else self.teacher)
-        tumor = torch.softmax(logits.float(), dim=1)[:, 1:2] > self.teacher_threshold
-        corrected = correct_tumor_pseudo_label(tumor.to(label.dtype), label)
+        probability = torch.softmax(logits.float(), dim=1)[:, 1:2]
+        tumor = probability > self.teacher_threshold
         self._teacher_tumor_pct = 100.0 * float(tumor.float().mean())
-        return corrected
+        if self.teacher_target == "soft":
+            return correct_tumor_pseudo_label(probability, label)
+        return correct_tumor_pseudo_label(tumor.to(label.dtype), label)
 
     @staticmethod
     @torch.no_grad()
@@ -204,11 +225,13 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
         Args:
             label: ``(B, 1, ...)`` tumor annotation of the batch.
             pred: ``(B, 2, ...)`` the student's logits.
-            target: ``(B, 1, ...)`` the corrected extra target of eq. (2), or ``None`` (FST).
+            target: ``(B, 1, ...)`` the corrected extra target of eq. (2) (a label map, or the soft
+                target's probabilities), or ``None`` (FST).
 
         Returns:
             ``annotated_tumor_pct``, ``student_tumor_pct`` (its argmax) and, with ``target``,
-            ``extra_target_pct`` (target tumor outside the annotation), in % of the batch's voxels.
+            ``extra_target_pct`` (target tumor outside the annotation; of a soft target, its
+            expected volume: the sum of its probabilities there), in % of the batch's voxels.
         """
         annotated = label > 0
         volumes = {
@@ -216,7 +239,7 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
             "student_tumor_pct": 100.0 * float((pred.argmax(dim=1, keepdim=True) == 1).float().mean()),
         }
         if target is not None:
-            volumes["extra_target_pct"] = 100.0 * float(((target > 0) & ~annotated).float().mean())
+            volumes["extra_target_pct"] = 100.0 * float((target.float() * ~annotated).mean())
         return volumes
 
     @property
@@ -238,7 +261,7 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
         else:
             image, label = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
             if self.oracle_key is not None:
-                oracle = batchdata[self.oracle_key].to(device=label.device, dtype=label.dtype)
+                oracle = batchdata[self.oracle_key].to(device=label.device, dtype=torch.float32 if self.teacher_target == "soft" else label.dtype)
                 pseudo_label = correct_tumor_pseudo_label(oracle, label)
             else:
                 pseudo_label = self.teacher_pseudo_label(image, label)

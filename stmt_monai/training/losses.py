@@ -7,7 +7,9 @@ Paper section 2.2 (Fig. 2a, 2b):
   kind and summed with weights, ``L_o = L_ol + lambda1 * L_cpl + lambda2 * L_pl``;
 - tumor, eq. (2): every case is tumor annotated and has two targets, its annotation and the
   EMA teacher's prediction corrected with that annotation, ``L_t = L_tl + lambda * L_cpl``;
-- every term is Dice + cross-entropy (:func:`dice_ce_loss`).
+- every term is Dice + cross-entropy (:func:`dice_ce_loss`); beyond the paper, the mean teacher's
+  term can instead be the original mean teacher's consistency, the squared difference between
+  the student's and the teacher's probabilities (:class:`SoftTargetMSELoss`, :func:`consistency_losses`).
 
 :class:`WeightedStreamsLoss` covers both: per-item stream names (eq. 1) or one target per
 stream for the whole batch (eq. 2). It keeps the unweighted terms of its last call in
@@ -79,6 +81,55 @@ def weighted_sum(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]
     return sum(float(weights[name]) * term for name, term in terms.items())  # type: ignore[return-value]
 
 
+class SoftTargetMSELoss(torch.nn.Module):
+    """Squared difference between the student's softmax and a probability target, averaged over
+    classes and voxels: the consistency term of the original mean teacher (Tarvainen and Valpola
+    2017; in 3D segmentation, Yu et al. 2019).
+
+    Args:
+        logits: ``(B, C, *spatial)`` network output.
+        target: ``(B, C, *spatial)`` class probabilities, or ``(B, 1, *spatial)`` the foreground
+            probability of a two-class output (background is ``1 - p``).
+
+    Returns:
+        ``mean((softmax(logits) - target)^2)``, a scalar.
+    """
+
+    #: the target is a probability map, not a label map (:class:`stmt_monai.training.engines.MeanTeacherTrainer`
+    #: hands it the teacher's probabilities only when its ``cpl`` loss says so)
+    soft_target = True
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(logits.float(), dim=1)
+        target = target.float()
+        if target.shape[1] == 1 and probs.shape[1] == 2:
+            target = torch.cat([1.0 - target, target], dim=1)
+        if target.shape != probs.shape:
+            raise ValueError(f"target of shape {tuple(target.shape)} for logits of shape {tuple(logits.shape)}")
+        return torch.mean((probs - target) ** 2)
+
+
+#: what the mean teacher's extra target is (``teacher_target`` of the tumor bundle):
+#: ``"hard"`` the teacher's thresholded tumor, corrected, under Dice + CE (paper eq. (2));
+#: ``"soft"`` the teacher's tumor probability, corrected, under :class:`SoftTargetMSELoss`
+TEACHER_TARGETS = ("hard", "soft")
+
+
+def consistency_losses(teacher_target: str = "hard") -> dict[str, torch.nn.Module]:
+    """The per-stream losses of :class:`WeightedStreamsLoss` for the tumor bundle's ``teacher_target``.
+
+    Args:
+        teacher_target: ``"hard"`` (the paper): ``{}``, every term Dice + CE; ``"soft"``: the
+            ``cpl`` term is :class:`SoftTargetMSELoss` on the teacher's probabilities.
+
+    Raises:
+        ValueError: not one of :data:`TEACHER_TARGETS`.
+    """
+    if teacher_target not in TEACHER_TARGETS:
+        raise ValueError(f"teacher_target must be one of {TEACHER_TARGETS}, got {teacher_target!r}")
+    return {CPL: SoftTargetMSELoss()} if teacher_target == "soft" else {}
+
+
 class WeightedStreamsLoss(torch.nn.Module):
     """Weighted sum of a base loss computed separately per stream of training data.
 
@@ -97,6 +148,8 @@ class WeightedStreamsLoss(torch.nn.Module):
             order of :attr:`streams` (what integer stream indices refer to).
         base_loss: loss of one stream, ``base_loss(logits, target) -> scalar``; default
             :func:`dice_ce_loss`.
+        stream_losses: a different loss for some streams (e.g. :func:`consistency_losses`);
+            the others use ``base_loss``.
 
     Attributes:
         streams: the stream names, in the order of ``weights``.
@@ -104,7 +157,12 @@ class WeightedStreamsLoss(torch.nn.Module):
             (``{"labelled": L_ol, "cpl": L_cpl, "pl": L_pl}``), for logging.
     """
 
-    def __init__(self, weights: Mapping[str, float] = ORGAN_STREAM_WEIGHTS, base_loss: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        weights: Mapping[str, float] = ORGAN_STREAM_WEIGHTS,
+        base_loss: torch.nn.Module | None = None,
+        stream_losses: Mapping[str, torch.nn.Module] | None = None,
+    ):
         super().__init__()
         if not weights:
             raise ValueError("weights must name at least one stream")
@@ -113,7 +171,15 @@ class WeightedStreamsLoss(torch.nn.Module):
         self.weights: dict[str, float] = {str(name): float(w) for name, w in weights.items()}
         self.streams: tuple[str, ...] = tuple(self.weights)
         self.base_loss = dice_ce_loss() if base_loss is None else base_loss
+        unknown = sorted(set(stream_losses or {}) - set(self.streams))
+        if unknown:
+            raise ValueError(f"losses given for unknown streams {unknown}: the loss has weights for {self.streams}")
+        self.stream_losses = torch.nn.ModuleDict(dict(stream_losses or {}))
         self.last_terms: dict[str, float] = {}
+
+    def loss_of(self, stream: str) -> torch.nn.Module:
+        """The loss that computes ``stream``'s term: its own from ``stream_losses``, else ``base_loss``."""
+        return self.stream_losses[stream] if stream in self.stream_losses else self.base_loss
 
     def stream_names(self, stream: str | Sequence[str] | Sequence[int] | torch.Tensor, batch_size: int) -> list[str]:
         """The stream name of each of ``batch_size`` items, from any accepted ``stream`` form.
@@ -159,7 +225,7 @@ class WeightedStreamsLoss(torch.nn.Module):
             return_terms: also return the unweighted terms (tensors in the graph).
 
         Returns:
-            The scalar ``sum(weights[s] * base_loss(items of s))``; with ``return_terms``, the
+            The scalar ``sum(weights[s] * loss_of(s)(items of s))``; with ``return_terms``, the
             pair ``(loss, {stream: term})`` over the streams present.
         """
         if isinstance(target, Mapping):
@@ -168,7 +234,7 @@ class WeightedStreamsLoss(torch.nn.Module):
             unknown = sorted(set(target) - set(self.streams))
             if unknown:
                 raise ValueError(f"unknown streams {unknown}: the loss has weights for {self.streams}")
-            terms = {name: self.base_loss(logits, target[name]) for name in self.streams if name in target}
+            terms = {name: self.loss_of(name)(logits, target[name]) for name in self.streams if name in target}
         else:
             if stream is None:
                 raise ValueError("a single target needs the stream of each batch item")
@@ -179,10 +245,10 @@ class WeightedStreamsLoss(torch.nn.Module):
                 if not items:
                     continue  # absent stream: contributes 0
                 if len(items) == len(names):
-                    terms[name] = self.base_loss(logits, target)
+                    terms[name] = self.loss_of(name)(logits, target)
                 else:
                     index = torch.as_tensor(items)
-                    terms[name] = self.base_loss(
+                    terms[name] = self.loss_of(name)(
                         logits.index_select(0, index.to(logits.device)), target.index_select(0, index.to(target.device))
                     )
         total = weighted_sum(terms, self.weights)
