@@ -87,6 +87,7 @@ TRENDS = (
     ("mean_teacher", "mt_paper", "tumor_dsc"),
     ("mt_confident", "fst", "tumor_dsc"),
     ("mt_confident", "mean_teacher", "tumor_dsc"),
+    ("mt_confident", "fst_x2", "tumor_dsc"),
     ("mt_soft", "fst", "tumor_dsc"),
     ("mt_soft", "mean_teacher", "tumor_dsc"),
     ("mean_teacher", "fst_x2", "tumor_dsc"),
