@@ -170,7 +170,8 @@ def test_stream_losses_replace_the_base_loss_of_their_stream_only():
     assert float(total) == pytest.approx(float(terms[LABELLED] + terms[CPL]), rel=1e-6)
     # the paper's target: no stream loss of its own, Dice + CE everywhere
     assert consistency_losses("hard") == {} and consistency_losses() == {}
-    assert WeightedStreamsLoss(TUMOR_STREAM_WEIGHTS, stream_losses=consistency_losses("hard")).loss_of(CPL) is not None
+    hard = WeightedStreamsLoss(TUMOR_STREAM_WEIGHTS, stream_losses=consistency_losses("hard"))
+    assert hard.loss_of(CPL) is hard.base_loss and isinstance(hard.base_loss, DiceCELoss)
     with pytest.raises(ValueError, match="teacher_target"):
         consistency_losses("mse")
     with pytest.raises(ValueError, match="unknown streams"):

@@ -25,7 +25,7 @@ from ignite.engine import Events
 from monai.engines import SupervisedTrainer
 from monai.utils import CommonKeys
 
-from stmt_monai.training.losses import CPL, LABELLED, TEACHER_TARGETS
+from stmt_monai.training.losses import CPL, LABELLED, check_teacher_target
 from stmt_monai.training.mean_teacher import correct_tumor_pseudo_label, sigmoid_rampup
 
 
@@ -181,8 +181,7 @@ class MeanTeacherTrainer(_CpuBf16, SupervisedTrainer):
         self._init_bf16(cpu_bf16)
         if not 0.0 <= float(teacher_threshold) < 1.0:
             raise ValueError(f"teacher_threshold must be in [0, 1), got {teacher_threshold}")
-        if teacher_target not in TEACHER_TARGETS:
-            raise ValueError(f"teacher_target must be one of {TEACHER_TARGETS}, got {teacher_target!r}")
+        check_teacher_target(teacher_target)
         loss_of = getattr(self.loss_function, "loss_of", None)
         soft_loss = bool(getattr(loss_of(CPL), "soft_target", False)) if loss_of is not None else False
         if soft_loss != (teacher_target == "soft"):

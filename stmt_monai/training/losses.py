@@ -106,13 +106,24 @@ class SoftTargetMSELoss(torch.nn.Module):
             target = torch.cat([1.0 - target, target], dim=1)
         if target.shape != probs.shape:
             raise ValueError(f"target of shape {tuple(target.shape)} for logits of shape {tuple(logits.shape)}")
-        return torch.mean((probs - target) ** 2)
+        return torch.nn.functional.mse_loss(probs, target)
 
 
 #: what the mean teacher's extra target is (``teacher_target`` of the tumor bundle):
 #: ``"hard"`` the teacher's thresholded tumor, corrected, under Dice + CE (paper eq. (2));
 #: ``"soft"`` the teacher's tumor probability, corrected, under :class:`SoftTargetMSELoss`
 TEACHER_TARGETS = ("hard", "soft")
+
+
+def check_teacher_target(teacher_target: str) -> str:
+    """``teacher_target`` itself if it is one of :data:`TEACHER_TARGETS`.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if teacher_target not in TEACHER_TARGETS:
+        raise ValueError(f"teacher_target must be one of {TEACHER_TARGETS}, got {teacher_target!r}")
+    return teacher_target
 
 
 def consistency_losses(teacher_target: str = "hard") -> dict[str, torch.nn.Module]:
@@ -125,9 +136,7 @@ def consistency_losses(teacher_target: str = "hard") -> dict[str, torch.nn.Modul
     Raises:
         ValueError: not one of :data:`TEACHER_TARGETS`.
     """
-    if teacher_target not in TEACHER_TARGETS:
-        raise ValueError(f"teacher_target must be one of {TEACHER_TARGETS}, got {teacher_target!r}")
-    return {CPL: SoftTargetMSELoss()} if teacher_target == "soft" else {}
+    return {CPL: SoftTargetMSELoss()} if check_teacher_target(teacher_target) == "soft" else {}
 
 
 class WeightedStreamsLoss(torch.nn.Module):
