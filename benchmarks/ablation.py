@@ -76,6 +76,7 @@ LABELS = {
     "mt_paper": "Mean teacher, the paper's constant lambda, plain EMA",
     "mt_confident": "Mean teacher, only the teacher's confident tumor (p > 0.9)",
     "mt_soft": "Mean teacher, soft target (MSE to the teacher's probabilities)",
+    "mt_classic": "Mean teacher, the original recipe (soft target, noisy teacher view, lambda 10)",
     "fst_x2": "FST, loss doubled (the mean teacher's step size)",
 }
 

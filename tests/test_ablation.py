@@ -191,6 +191,18 @@ def test_mt_soft_gives_the_teacher_term_the_soft_target_loss_in_the_tumor_bundle
     assert not isinstance(losses["mean_teacher"].loss_of("cpl"), SoftTargetMSELoss)
 
 
+def test_mt_classic_is_the_soft_target_with_a_noisy_teacher_view_and_lambda_10():
+    """The original mean teacher's recipe reaches the bundle's loss and trainer; the mean teacher
+    row keeps the paper's clean view and lambda 1."""
+    for row, (target, noise, cpl) in {"mean_teacher": ("hard", 0.0, 1.0), "mt_classic": ("soft", 0.1, 10.0)}.items():
+        parser = workflow_parser(default_bundles_dir() / ablation.TUMOR_BUNDLE, "train", row_overrides(row))
+        loss = parser.get_parsed_content("loss")
+        assert parser.get_parsed_content("train#trainer#teacher_target") == target
+        assert parser.get_parsed_content("train#trainer#teacher_noise_std") == noise
+        assert dict(loss.weights) == {"labelled": 1.0, "cpl": cpl}
+        assert isinstance(loss.loss_of("cpl"), SoftTargetMSELoss) == (target == "soft")
+
+
 def test_paired_difference_gives_the_t_interval_of_the_mean():
     rows = {
         "a": {0: {"m": 80.0}, 1: {"m": 82.0}, 2: {"m": 81.0}},
@@ -221,6 +233,11 @@ def test_rows_differ_only_by_their_listed_keys(tmp_path):
     assert steps["mt_confident"].overrides["teacher_threshold"] == 0.9 and "teacher_threshold" not in steps["mean_teacher"].overrides
     assert steps["fst_x2"].overrides["lambda_cpl"] == 0.0 and steps["fst_x2"].overrides["loss#weights#labelled"] == 2.0
     assert steps["mt_soft"].overrides["teacher_target"] == "soft" and "teacher_target" not in steps["mean_teacher"].overrides
+    assert {k: steps["mt_classic"].overrides[k] for k in ("teacher_target", "teacher_noise_std", "lambda_cpl")} == {
+        "teacher_target": "soft",
+        "teacher_noise_std": 0.1,
+        "lambda_cpl": 10.0,
+    }
     assert steps["st_partial"].needs == ((0, "pseudo_labels"),) and steps["fso"].needs == ()
     # one teacher for every seed: seed 2's self-training waits for seed 0's pseudo labels
     shared = {s.name: s for s in ablation.seed_steps(paths, AblationSettings(teacher_seed=0), 2)}
