@@ -219,6 +219,34 @@ def test_soft_target_is_the_teachers_probability_corrected_with_annotation():
     assert output["teacher_tumor_pct"] == pytest.approx(100 * float((probability > 0.5).float().mean()))
 
 
+class _InputRecordingTeacher(_FixedTeacher):
+    """A :class:`_FixedTeacher` that keeps every input it was given."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__(mask)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("noise_std", [0.0, 0.5])
+def test_teacher_sees_the_students_image_plus_noise_of_teacher_noise_std(noise_std):
+    """``teacher_noise_std``: the original mean teacher's second view, the student's image plus
+    Gaussian noise of that sd (0: the very image the student sees)."""
+    batch = _batch(size=16)
+    teacher = _InputRecordingTeacher(torch.zeros(1, 1, 16, 16, 16))
+    _one_step(dict(TUMOR_STREAM_WEIGHTS), teacher, batch, teacher_noise_std=noise_std)
+    (seen,) = teacher.inputs
+    noise = seen - batch["image"]
+    if noise_std == 0.0:
+        assert bool((noise == 0).all())
+    else:
+        assert float(noise.mean()) == pytest.approx(0.0, abs=0.05)  # 8,192 draws: sd of the mean 0.0055
+        assert float(noise.std()) == pytest.approx(noise_std, rel=0.05)
+
+
 def test_teacher_target_must_match_the_loss():
     student = torch.nn.Conv3d(1, 2, 1)
     common = {
