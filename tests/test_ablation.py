@@ -102,8 +102,14 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
         curves = results["target_curves"][row][0]
         assert [epoch for epoch, _ in curves["annotated_tumor_pct"]] == list(range(1, TINY.tumor_epochs + 1))
         assert all(value > 0 for _, value in curves["annotated_tumor_pct"])
-        assert ("extra_target_pct" in curves) == (row not in ("fst", "fst_x2")), row
-        assert ("teacher_tumor_pct" in curves) == (row not in ("fst", "fst_x2", "mt_oracle")), row  # the oracle replaces it
+        assert ("extra_target_pct" in curves) == (row not in ("fst", "fst_x2", "fst_full")), row
+        assert ("teacher_tumor_pct" in curves) == (row not in ("fst", "fst_x2", "fst_full", "mt_oracle")), row  # the oracle replaces it
+    # the full-label upper bound: FST's cases, each labelled with its hidden truth (every lesion)
+    full = load_datalist(_override(_command((seed_dir / "fst_full" / "fst_full.log").read_text(), "train"), "tumor_datalist"))
+    tumor_cases = load_datalist(work / "prepared" / "datalist_tumor.json")
+    assert [item["image"] for item in full] == [item["image"] for item in tumor_cases]
+    assert [item["label"] for item in full] == [str(Path(small_cohort) / "truth" / f"{case_name(item['image'])}.nii.gz") for item in tumor_cases]
+    assert not any("oracle" in item for item in full)  # the truth is the label, not a second target
     # a second call resumes: nothing is trained again
     before = {row: (seed_dir / row / "done.json").stat().st_mtime for row in ROW_NAMES}
     run_ablation(small_cohort, work, seeds=(0,), settings=TINY)
@@ -121,7 +127,6 @@ def test_every_row_runs_through_the_bundle_workflows_with_its_overrides(small_co
     targets = ablation.teacher_targets(small_cohort, work, 0, "mean_teacher", TINY)
     log = (seed_dir / "mean_teacher" / "train_teacher_pred.log").read_text()
     assert "mean_teacher.pt" in " ".join(_command(log, "inference"))
-    tumor_cases = load_datalist(work / "prepared" / "datalist_tumor.json")
     assert targets["cases"] == len(tumor_cases) > 0
     assert targets["annotated"]["found"] == targets["annotated"]["total"] > 0  # the union holds every annotated lesion
     hidden, truth_voxels, annotated_voxels, teacher_voxels = 0, 0, 0, 0
@@ -203,6 +208,18 @@ def test_mt_classic_is_the_soft_target_with_a_noisy_teacher_view_and_lambda_10()
         assert isinstance(loss.loss_of("cpl"), SoftTargetMSELoss) == (target == "soft")
 
 
+def test_fst_full_is_fst_with_another_datalist_in_the_tumor_bundle_config(tmp_path):
+    """The upper bound changes FST's labels only: lambda 0 (no teacher term), the same loss."""
+    parsed = {}
+    for row in ("fst", "fst_full"):
+        overrides = ablation._resolve(row_overrides(row), {"lists": str(tmp_path)})
+        parser = workflow_parser(default_bundles_dir() / ablation.TUMOR_BUNDLE, "train", overrides)
+        parsed[row] = (dict(parser.get_parsed_content("loss").weights), parser.get_parsed_content("tumor_datalist"))
+    assert parsed["fst"][0] == parsed["fst_full"][0] == {"labelled": 1.0, "cpl": 0.0}
+    assert parsed["fst"][1].endswith("datalist_tumor.json") and parsed["fst_full"][1] == str(tmp_path / "tumor_full.json")
+    assert set(row_overrides("fst_full")) - set(row_overrides("fst")) == {"tumor_datalist"}
+
+
 def test_paired_difference_gives_the_t_interval_of_the_mean():
     rows = {
         "a": {0: {"m": 80.0}, 1: {"m": 82.0}, 2: {"m": 81.0}},
@@ -232,6 +249,7 @@ def test_rows_differ_only_by_their_listed_keys(tmp_path):
     assert steps["fst"].overrides["lambda_cpl"] == 0.0 and "lambda_cpl" not in steps["mean_teacher"].overrides
     assert steps["mt_confident"].overrides["teacher_threshold"] == 0.9 and "teacher_threshold" not in steps["mean_teacher"].overrides
     assert steps["fst_x2"].overrides["lambda_cpl"] == 0.0 and steps["fst_x2"].overrides["loss#weights#labelled"] == 2.0
+    assert steps["fst_full"].overrides["tumor_datalist"] == str(paths.lists / "tumor_full.json") and steps["fst_full"].overrides["lambda_cpl"] == 0.0
     assert steps["mt_soft"].overrides["teacher_target"] == "soft" and "teacher_target" not in steps["mean_teacher"].overrides
     assert {k: steps["mt_classic"].overrides[k] for k in ("teacher_target", "teacher_noise_std", "lambda_cpl")} == {
         "teacher_target": "soft",

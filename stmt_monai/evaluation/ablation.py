@@ -33,6 +33,9 @@ Rows (the paper's Table 3, plus the oracle upper bounds):
 ``mt_classic``                the original mean teacher's recipe in full: the soft target, the
                               teacher seeing its own noisy view (``teacher_noise_std`` 0.1, in
                               z-scored intensity) and a consistency weight lambda = 10
+``fst_full``                  FST trained on the hidden truth of the same cases: every lesion
+                              annotated (the upper bound of anything the unannotated lesions can
+                              give a tumor student, whatever the teacher)
 ``fst_x2``                    FST with its loss doubled (``labelled`` weight 2): eq. (2)'s gradient
                               scale once lambda is 1, with FST's target, so that the mean teacher
                               can be compared with FST at the same SGD step size
@@ -67,7 +70,7 @@ from stmt_monai.labels import ORGAN_CLASSES, TUMOR
 logger = logging.getLogger(__name__)
 
 ORGAN_ROWS = ("nnunet", "fso", "st_partial", "st_partial_unlabelled", "st_oracle")
-TUMOR_ROWS = ("fst", "mean_teacher", "mt_oracle", "mt_paper", "mt_confident", "mt_soft", "mt_classic", "fst_x2")
+TUMOR_ROWS = ("fst", "mean_teacher", "mt_oracle", "mt_paper", "mt_confident", "mt_soft", "mt_classic", "fst_x2", "fst_full")
 ROW_NAMES = ORGAN_ROWS + TUMOR_ROWS
 #: the paper's Table 3 (validation set, %): organ DSC / NSD and tumor DSC / NSD
 PAPER_TABLE3: Mapping[str, dict[str, float]] = {
@@ -98,6 +101,8 @@ TRENDS = (
     ("mt_classic", "mt_soft", "tumor_dsc"),
     ("mean_teacher", "fst_x2", "tumor_dsc"),
     ("fst", "fst_x2", "tumor_dsc"),
+    ("fst_full", "fst", "tumor_dsc"),
+    ("mt_oracle", "fst_full", "tumor_dsc"),
 )
 ORGAN_BUNDLE, TUMOR_BUNDLE = "organ_selftrain", "tumor_meanteacher"
 DONE = "done.json"
@@ -261,6 +266,8 @@ def prepare(paths: AblationPaths) -> dict:
       (the ``nnunet`` row);
     - ``datalists/tumor_oracle.json``: the tumor-annotated cases with ``oracle``, the hidden truth
       (the ``mt_oracle`` row);
+    - ``datalists/tumor_full.json``: the same cases with the hidden truth as their ``label``
+      (the ``fst_full`` row);
     - ``datalists/test_jobs.json``: the test images as pseudo-label jobs (the teacher's test score);
     - ``oracle_pseudo_labels/``: the hidden truth as the teacher's prediction, corrected as the
       teacher's is (:func:`stmt_monai.synthetic.oracle.oracle_pseudo_labels`, the ``st_oracle`` row).
@@ -285,6 +292,8 @@ def prepare(paths: AblationPaths) -> dict:
     for item in tumor:
         item["oracle"] = str(paths.cohort / "truth" / f"{case_name(item['image'])}.nii.gz")
     _write_datalist(paths.lists / "tumor_oracle.json", tumor)
+    full = [{**{k: v for k, v in item.items() if k != "oracle"}, "label": item["oracle"]} for item in tumor]
+    _write_datalist(paths.lists / "tumor_full.json", full)
     jobs = [{"image": str(p), "name": case_name(p)} for p in find_cases(paths.test_images)]
     _write_datalist(paths.lists / "test_jobs.json", jobs)
     if not (paths.oracle_pseudo / "datalist_pseudo_labelled.json").is_file():
@@ -327,6 +336,7 @@ def row_overrides(row: str) -> dict:
         "mt_soft": {"teacher_target": "soft"},
         "mt_classic": {"teacher_target": "soft", "teacher_noise_std": 0.1, "lambda_cpl": 10.0},
         "fst_x2": {"lambda_cpl": 0.0, "loss#weights#labelled": 2.0},
+        "fst_full": {"tumor_datalist": "{lists}/tumor_full.json", "lambda_cpl": 0.0},
     }[row]
 
 
