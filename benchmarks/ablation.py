@@ -31,6 +31,7 @@ from stmt_monai.evaluation.ablation import (
     ROW_NAMES,
     TRENDS,
     TUMOR_ROWS,
+    UPPER_BOUND_ROWS,
     AblationSettings,
     ablation_json,
     paired_difference,
@@ -184,7 +185,7 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
         present = [r for r in rows if r in results["rows"]]
         for i, row in enumerate(present):
             values = [s[metric] for s in results["rows"][row].values()]
-            ax.bar(i, np.mean(values), color="#d9d9d9" if "oracle" in row or row == "fst_full" else "#9ecae1", edgecolor="k")
+            ax.bar(i, np.mean(values), color="#d9d9d9" if row in UPPER_BOUND_ROWS else "#9ecae1", edgecolor="k")
             ax.scatter([i] * len(values), values, color="k", s=12, zorder=3)
             paper = PAPER_TABLE3.get(row, {}).get(metric)
             if paper is not None:
