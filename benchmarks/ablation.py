@@ -180,8 +180,15 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
         plt.close(fig)
         return path
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [len(ORGAN_ROWS), len(TUMOR_ROWS)]})
-    for ax, rows, metric, title in ((axes[0], ORGAN_ROWS, "organ_dsc", "organ DSC (%)"), (axes[1], TUMOR_ROWS, "tumor_dsc", "tumor DSC (%)")):
+    # a panel per stage that the results hold (an organ-only run draws no empty tumor panel)
+    stages = [
+        (rows, metric, title)
+        for rows, metric, title in ((ORGAN_ROWS, "organ_dsc", "organ DSC (%)"), (TUMOR_ROWS, "tumor_dsc", "tumor DSC (%)"))
+        if any(r in results["rows"] for r in rows)
+    ] or [(ORGAN_ROWS, "organ_dsc", "organ DSC (%)")]
+    widths = [max(1, sum(r in results["rows"] for r in rows)) for rows, _, _ in stages]
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 + 8 * len(stages) / 2, 4.2), gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for ax, (rows, metric, title) in zip(axes[0], stages):
         present = [r for r in rows if r in results["rows"]]
         for i, row in enumerate(present):
             values = [s[metric] for s in results["rows"][row].values()]
@@ -194,8 +201,10 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
         ax.set_title(title + "; dots: seeds, red: paper")
         ax.set_ylim(0, 100)
     written.append(save(fig, "table"))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, rows, title in ((axes[0], ORGAN_ROWS, "organ students"), (axes[1], TUMOR_ROWS, "tumor students")):
+    groups = [(rows, title) for rows, title in ((ORGAN_ROWS, "organ students"), (TUMOR_ROWS, "tumor students")) if any(r in results["curves"] for r in rows)]
+    groups = groups or [(ORGAN_ROWS, "organ students")]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
+    for ax, (rows, title) in zip(axes[0], groups):
         for k, row in enumerate(r for r in rows if r in results["curves"]):
             for j, curve in enumerate(results["curves"][row].values()):
                 if curve:
