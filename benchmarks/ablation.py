@@ -187,7 +187,7 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
         if any(r in results["rows"] for r in rows)
     ] or [(ORGAN_ROWS, "organ_dsc", "organ DSC (%)")]
     widths = [max(1, sum(r in results["rows"] for r in rows)) for rows, _, _ in stages]
-    fig, axes = plt.subplots(1, len(stages), figsize=(4 + 8 * len(stages) / 2, 4.2), gridspec_kw={"width_ratios": widths}, squeeze=False)
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 + 4 * len(stages), 4.2), gridspec_kw={"width_ratios": widths}, squeeze=False)
     for ax, (rows, metric, title) in zip(axes[0], stages):
         present = [r for r in rows if r in results["rows"]]
         for i, row in enumerate(present):
