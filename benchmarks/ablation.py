@@ -180,12 +180,10 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
         plt.close(fig)
         return path
 
-    # a panel per stage that the results hold (an organ-only run draws no empty tumor panel)
-    stages = [
-        (rows, metric, title)
-        for rows, metric, title in ((ORGAN_ROWS, "organ_dsc", "organ DSC (%)"), (TUMOR_ROWS, "tumor_dsc", "tumor DSC (%)"))
-        if any(r in results["rows"] for r in rows)
-    ] or [(ORGAN_ROWS, "organ_dsc", "organ DSC (%)")]
+    def held(panels, key):  # a panel per stage that the results hold (an organ-only run draws no empty tumor panel)
+        return [p for p in panels if any(r in results[key] for r in p[0])] or list(panels[:1])
+
+    stages = held(((ORGAN_ROWS, "organ_dsc", "organ DSC (%)"), (TUMOR_ROWS, "tumor_dsc", "tumor DSC (%)")), "rows")
     widths = [max(1, sum(r in results["rows"] for r in rows)) for rows, _, _ in stages]
     fig, axes = plt.subplots(1, len(stages), figsize=(4 + 4 * len(stages), 4.2), gridspec_kw={"width_ratios": widths}, squeeze=False)
     for ax, (rows, metric, title) in zip(axes[0], stages):
@@ -201,8 +199,7 @@ def charts(results: dict, chart_dir: Path, prefix: str = "ablation") -> list[Pat
         ax.set_title(title + "; dots: seeds, red: paper")
         ax.set_ylim(0, 100)
     written.append(save(fig, "table"))
-    groups = [(rows, title) for rows, title in ((ORGAN_ROWS, "organ students"), (TUMOR_ROWS, "tumor students")) if any(r in results["curves"] for r in rows)]
-    groups = groups or [(ORGAN_ROWS, "organ students")]
+    groups = held(((ORGAN_ROWS, "organ students"), (TUMOR_ROWS, "tumor students")), "curves")
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.2), squeeze=False)
     for ax, (rows, title) in zip(axes[0], groups):
         for k, row in enumerate(r for r in rows if r in results["curves"]):
