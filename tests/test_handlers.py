@@ -83,6 +83,33 @@ def test_resuming_a_finished_run_warns_and_trains_nothing(tmp_path, caplog):
     assert "training already finished (epoch 2 of 2)" in caplog.text
 
 
+def _poly_trainer(save_dir, max_epochs, lrs):
+    """A trainer with SGD and the bundles' poly schedule over ``max_epochs``, recording each
+    iteration's learning rate into ``lrs``."""
+    network = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.2, momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max_epochs, power=0.9)
+    engine = Engine(lambda engine, batch: lrs.append(optimizer.param_groups[0]["lr"]))
+    engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: scheduler.step())
+    save_dict = {"network": network, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": engine}
+    ResumableCheckpoint(save_dir, save_dict).attach(engine)
+    return engine
+
+
+def test_a_run_resumed_with_a_longer_schedule_follows_the_new_schedule(tmp_path, caplog):
+    """A finished 4-epoch run continued to 8 epochs learns at the 8-epoch poly schedule's rate,
+    not at the 4-epoch schedule's 0 (the checkpoint's scheduler state used to win)."""
+    first, resumed, fresh = [], [], []
+    _poly_trainer(tmp_path, 4, first).run([0], max_epochs=4)
+    assert first[-1] > 0
+    with caplog.at_level("INFO", logger="stmt_monai.training.handlers"):
+        _poly_trainer(tmp_path, 8, resumed).run([0], max_epochs=8)
+    _poly_trainer(tmp_path / "fresh", 8, fresh).run([0], max_epochs=8)
+    assert len(resumed) == 4 and min(resumed) > 0
+    assert resumed == pytest.approx(fresh[4:])  # epochs 5-8 of an 8-epoch schedule
+    assert "total_iters 4 -> 8" in caplog.text
+
+
 @pytest.mark.parametrize("max_epochs, expected", [(3, [3]), (5, [5]), (7, [5, 7]), (10, [5, 10])])
 def test_validation_handler_also_validates_after_an_off_interval_last_epoch(max_epochs, expected):
     validated = []

@@ -26,6 +26,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
 from monai.handlers import ValidationHandler as _MonaiValidationHandler
+from torch.optim.lr_scheduler import LRScheduler
 
 from stmt_monai.bundle import write_record
 from stmt_monai.io import atomic_write
@@ -72,6 +73,46 @@ def _keep_copy(source: Path, target: Path) -> None:
             shutil.copyfile(source, tmp)
 
 
+# what a scheduler's state_dict holds about where the run is, as opposed to the schedule itself
+_SCHEDULE_POSITION = ("last_epoch",)
+
+
+def _schedule_settings(scheduler: LRScheduler) -> dict:
+    """The schedule a run was configured with (``total_iters``, ``power``, ``base_lrs``...):
+    the public entries of its ``state_dict`` except its position (``last_epoch``)."""
+    return {k: v for k, v in scheduler.state_dict().items() if not k.startswith("_") and k not in _SCHEDULE_POSITION}
+
+
+def _keep_schedule(scheduler: LRScheduler, configured: Mapping, checkpoint: Path) -> None:
+    """After a resume, the run's own schedule wins over the checkpoint's; the checkpoint gives
+    only the position in it.
+
+    ``load_state_dict`` restores a scheduler whole, so a run resumed with a longer schedule (a
+    finished 800-epoch teacher continued to ``teacher_max_epochs`` 1600, say) would keep the old
+    ``total_iters`` and, past it, train at learning rate 0. Here the configured settings are put
+    back and the optimizer's learning rate set to the schedule's closed form at the restored
+    epoch; a scheduler without a closed form keeps the checkpoint's rate and says so.
+    """
+    saved = _schedule_settings(scheduler)
+    changed = {k: (saved.get(k), v) for k, v in configured.items() if saved.get(k) != v}
+    if not changed:
+        return
+    for key, (_, value) in changed.items():
+        setattr(scheduler, key, value)
+    what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+    closed_form = getattr(scheduler, "_get_closed_form_lr", None)
+    if closed_form is None:
+        logger.warning(f"{checkpoint}: this run's learning-rate schedule differs from the checkpoint's ({what}); "
+                       f"{type(scheduler).__name__} has no closed form, so the learning rate continues from the checkpoint's")
+        return
+    lrs = closed_form()
+    for group, lr, base in zip(scheduler.optimizer.param_groups, lrs, scheduler.base_lrs):
+        group["lr"], group["initial_lr"] = lr, base
+    scheduler._last_lr = [float(lr) for lr in lrs]
+    logger.info(f"{checkpoint}: this run's learning-rate schedule, not the checkpoint's ({what}): "
+                f"learning rate {', '.join(f'{float(lr):.4g}' for lr in lrs)} at epoch {scheduler.last_epoch}")
+
+
 class ResumableCheckpoint:
     """Save the whole training state every ``save_interval`` epochs; resume from it at start.
 
@@ -84,6 +125,10 @@ class ResumableCheckpoint:
     always complete. A last checkpoint that is unreadable (truncated by a full disk or a copy,
     say) falls back to the previous one with a warning; if neither loads, the run stops with
     both files named rather than silently training from scratch.
+
+    The learning-rate schedule is this run's, not the checkpoint's: a run resumed with more
+    epochs than it was started with continues on the longer poly schedule from the epoch it
+    stopped at (the checkpoint gives the position only; the change is logged).
 
     Args:
         save_dir: folder of ``filename``.
@@ -143,12 +188,15 @@ class ResumableCheckpoint:
                     f"{self.path} is unreadable: resuming from the previous checkpoint {candidate} "
                     f"(up to {self.save_interval} more epoch(s) are trained again)"
                 )
+            schedules = {name: _schedule_settings(obj) for name, obj in self.save_dict.items() if isinstance(obj, LRScheduler)}
             try:
                 CheckpointLoader(str(candidate), self.save_dict, map_location=self.map_location, strict=True)(engine)
             except RuntimeError as err:
                 if "state_dict" not in str(err):
                     raise
                 raise WeightsMismatch(self._mismatch(candidate)) from None
+            for name, settings in schedules.items():
+                _keep_schedule(self.save_dict[name], settings, candidate)
             break
         else:
             raise RuntimeError(f"no readable checkpoint to resume from ({'; '.join(problems)}); delete them to train from scratch")
